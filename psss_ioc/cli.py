@@ -1,0 +1,32 @@
+"""The `psss-ioc` command line: one click group, subcommands defined next to their code."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from psss_ioc import __version__
+from psss_ioc.bench import bench
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="psss-ioc")
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    help="Logging level for all subcommands.",
+)
+def main(log_level: str) -> None:
+    """psss-ioc: PSSS spectrometer processing served as an EPICS IOC."""
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+main.add_command(bench)
