@@ -1,0 +1,261 @@
+"""THE PV table: one declarative entry per record of the IOC.
+
+Every record the IOC serves is listed here once, with everything needed to build it
+(`ioc.py`), to document it (README table, operator screen) and to test it. Nothing else in
+the project spells a PV name by hand: code refers to the entries (``pvs.SPECTRUM_Y.name``).
+
+Records are ``<prefix>:<name>``; the iocStats records live under ``<prefix>:IOC:``.
+This module imports nothing heavy on purpose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+from typing import Any
+
+
+class Kind(Enum):
+    """Record kinds, named after the softioc builder function that makes them."""
+
+    AI = "aIn"
+    AO = "aOut"
+    LONG_IN = "longIn"
+    LONG_OUT = "longOut"
+    INT64_IN = "int64In"
+    BOOL_OUT = "boolOut"
+    MBB_IN = "mbbIn"
+    MBB_OUT = "mbbOut"
+    ACTION = "Action"
+    WAVEFORM_IN = "WaveformIn"
+    WAVEFORM_OUT = "WaveformOut"
+    LONG_STRING_IN = "longStringIn"
+    LONG_STRING_OUT = "longStringOut"
+
+
+WRITABLE_KINDS = frozenset(
+    {Kind.AO, Kind.LONG_OUT, Kind.BOOL_OUT, Kind.MBB_OUT, Kind.ACTION, Kind.WAVEFORM_OUT,
+     Kind.LONG_STRING_OUT}
+)
+
+# Alarm severities as the softioc builder spells them in mbb options.
+NO_ALARM, MINOR, MAJOR, INVALID = "NO_ALARM", "MINOR", "MAJOR", "INVALID"
+
+# Access security group of the writable records (see iocBoot/iocpsss/psss.acf); the
+# iocStats SYSRESET record goes into LOCKED_ASG.
+SETTINGS_ASG = "DEFAULT"
+LOCKED_ASG = "LOCKED"
+
+# Longest spectrum/axis waveform: the camera is 2560 columns wide; leave room for others.
+MAX_WIDTH = 8192
+MESSAGE_LENGTH = 1024
+PATH_LENGTH = 1024
+
+# Name of the PV Access group (one atomic snapshot of a result) under the prefix.
+PVA_GROUP = "SNAPSHOT"
+IOC_STATS = "IOC"
+
+
+@dataclass(frozen=True)
+class PV:
+    """One record: everything needed to build, document and test it."""
+
+    name: str
+    kind: Kind
+    desc: str
+    egu: str = ""
+    prec: int | None = None
+    low: float | None = None  # LOPR (inputs) or DRVL (outputs)
+    high: float | None = None  # HOPR (inputs) or DRVH (outputs)
+    initial: Any = None
+    dtype: str | None = None  # waveforms: numpy dtype name
+    nelm: int | None = None  # waveforms and long strings
+    options: tuple[tuple[str, str], ...] = ()  # mbb: (label, severity)
+    autosave: bool = False
+    timestamped: bool = False  # result records: stamped with the frame's timestamp (TSE=-2)
+    group_field: str | None = None  # field name in the PVA group, if any
+    group_trigger: bool = False  # posting this field posts the whole group
+
+    @property
+    def writable(self) -> bool:
+        return self.kind in WRITABLE_KINDS
+
+    def __post_init__(self) -> None:
+        if len(self.desc) > 40:
+            raise ValueError(f"{self.name}: DESC longer than 40 characters")
+        if len(self.name) > 40:
+            raise ValueError(f"{self.name}: name suffix too long")
+        if self.kind in (Kind.WAVEFORM_IN, Kind.WAVEFORM_OUT) and not (self.dtype and self.nelm):
+            raise ValueError(f"{self.name}: waveforms need dtype and nelm")
+        if self.kind in (Kind.MBB_IN, Kind.MBB_OUT) and not self.options:
+            raise ValueError(f"{self.name}: mbb records need options")
+
+
+class State(IntEnum):
+    """Processing state, the values of STATUS."""
+
+    STOPPED = 0
+    WAITING = 1
+    PROCESSING = 2
+    ERROR = 3
+
+
+STATE_LABELS = {
+    State.STOPPED: "Stopped",
+    State.WAITING: "Waiting for stream",
+    State.PROCESSING: "Processing",
+    State.ERROR: "Error",
+}
+
+
+class BackgroundState(IntEnum):
+    NONE = 0
+    LOADED = 1
+    ERROR = 2
+
+
+class InputMode(IntEnum):
+    PULL = 0
+    SUB = 1
+
+
+class SettingState(IntEnum):
+    """ROI_STATUS / AXIS_STATUS: does the requested setting fit the frames?"""
+
+    OK = 0
+    INVALID = 1
+
+
+# Labels of FIT_STATUS, in the order of processing.FitStatus (OK=0 ... DISABLED=4).
+FIT_STATUS_LABELS = ("OK", "Low signal", "Not converged", "Invalid input", "Disabled")
+
+# ---------------------------------------------------------------- control
+START = PV("START", Kind.ACTION, "Start processing (write 1)")
+STOP = PV("STOP", Kind.ACTION, "Stop processing (write 1)")
+STATUS = PV(
+    "STATUS", Kind.MBB_IN, "Processing state",
+    options=(
+        (STATE_LABELS[State.STOPPED], NO_ALARM),
+        (STATE_LABELS[State.WAITING], MINOR),
+        (STATE_LABELS[State.PROCESSING], NO_ALARM),
+        (STATE_LABELS[State.ERROR], MAJOR),
+    ),
+    initial=int(State.STOPPED),
+)
+MESSAGE = PV("MESSAGE", Kind.LONG_STRING_IN, "Last error or notice", nelm=MESSAGE_LENGTH,
+             initial="")
+INPUT_STREAM = PV("INPUT_STREAM", Kind.LONG_STRING_OUT, "Camera bsread stream address",
+                  nelm=PATH_LENGTH, initial="")
+INPUT_MODE = PV("INPUT_MODE", Kind.MBB_OUT, "Camera stream socket mode",
+                options=(("PULL", NO_ALARM), ("SUB", NO_ALARM)), initial=int(InputMode.PULL))
+
+# ---------------------------------------------------------------- settings (autosaved)
+SPC_ROI_YMIN = PV("SPC_ROI_YMIN", Kind.LONG_OUT, "ROI first row (inclusive)", egu="px",
+                  low=0, high=100000, initial=0, autosave=True)
+SPC_ROI_YMAX = PV("SPC_ROI_YMAX", Kind.LONG_OUT, "ROI end row (excl.); 0,0 = whole image",
+                  egu="px", low=0, high=100000, initial=0, autosave=True)
+SPECTRUM_X = PV("SPECTRUM_X", Kind.WAVEFORM_OUT, "Energy axis per column (empty: index)",
+                egu="eV", prec=3, dtype="float64", nelm=MAX_WIDTH, autosave=True)
+BACKGROUND_FILE = PV("BACKGROUND_FILE", Kind.LONG_STRING_OUT, "Background file (.h5 /image, .npy)",
+                     nelm=PATH_LENGTH, initial="", autosave=True)
+AVG_N = PV("AVG_N", Kind.LONG_OUT, "Shots in the running average", low=1, high=10000,
+           initial=10, autosave=True)
+FIT_ENABLE = PV("FIT_ENABLE", Kind.BOOL_OUT, "Gaussian fit on/off",
+                options=(("Off", NO_ALARM), ("On", NO_ALARM)), initial=1, autosave=True)
+FIT_MIN_SNR = PV("FIT_MIN_SNR", Kind.AO, "Least peak/noise ratio to fit", prec=1, low=0,
+                 high=1e6, initial=3.0, autosave=True)
+
+# ---------------------------------------------------------------- results (per frame)
+SPECTRUM_Y = PV("SPECTRUM_Y", Kind.WAVEFORM_IN, "Spectrum: ROI rows summed per column",
+                prec=1, dtype="float64", nelm=MAX_WIDTH, timestamped=True,
+                group_field="spectrum", group_trigger=True)
+SPECTRUM_AXIS = PV("SPECTRUM_AXIS", Kind.WAVEFORM_IN, "Energy axis in use for SPECTRUM_Y",
+                   egu="eV", prec=3, dtype="float64", nelm=MAX_WIDTH, timestamped=True,
+                   group_field="axis")
+SPECTRUM_CENTER = PV("SPECTRUM_CENTER", Kind.AI, "Fitted Gaussian centre", egu="eV", prec=3,
+                     timestamped=True, group_field="center")
+SPECTRUM_FWHM = PV("SPECTRUM_FWHM", Kind.AI, "Fitted Gaussian FWHM", egu="eV", prec=3,
+                   timestamped=True, group_field="fwhm")
+SPECTRUM_AMPLITUDE = PV("SPECTRUM_AMPLITUDE", Kind.AI, "Fitted Gaussian amplitude", prec=2,
+                        timestamped=True, group_field="amplitude")
+SPECTRUM_OFFSET = PV("SPECTRUM_OFFSET", Kind.AI, "Fitted constant offset", prec=2,
+                     timestamped=True)
+SPECTRUM_COM = PV("SPECTRUM_COM", Kind.AI, "Spectrum centre of mass", egu="eV", prec=3,
+                  timestamped=True, group_field="com")
+SPECTRUM_STD = PV("SPECTRUM_STD", Kind.AI, "Spectrum RMS width", egu="eV", prec=3,
+                  timestamped=True, group_field="std")
+SPECTRUM_FIT = PV("SPECTRUM_FIT", Kind.WAVEFORM_IN, "Fitted curve (for plotting)", prec=1,
+                  dtype="float64", nelm=MAX_WIDTH, timestamped=True)
+FIT_STATUS = PV(
+    "FIT_STATUS", Kind.MBB_IN, "Fit result of the last frame",
+    options=(
+        (FIT_STATUS_LABELS[0], NO_ALARM),
+        (FIT_STATUS_LABELS[1], MINOR),
+        (FIT_STATUS_LABELS[2], MINOR),
+        (FIT_STATUS_LABELS[3], MAJOR),
+        (FIT_STATUS_LABELS[4], NO_ALARM),
+    ),
+    timestamped=True, group_field="fit_status", initial=4,
+)
+FIT_CHI2 = PV("FIT_CHI2", Kind.AI, "Fit reduced chi-square", prec=3, timestamped=True)
+PULSE_ID = PV("PULSE_ID", Kind.INT64_IN, "Pulse id of the last frame", timestamped=True,
+              group_field="pulse_id")
+SPECTRUM_AVG_Y = PV("SPECTRUM_AVG_Y", Kind.WAVEFORM_IN, "Running average spectrum", prec=1,
+                    dtype="float64", nelm=MAX_WIDTH, timestamped=True)
+SPECTRUM_AVG_CENTER = PV("SPECTRUM_AVG_CENTER", Kind.AI, "Centre of average spectrum fit",
+                         egu="eV", prec=3, timestamped=True)
+SPECTRUM_AVG_FWHM = PV("SPECTRUM_AVG_FWHM", Kind.AI, "FWHM of average spectrum fit", egu="eV",
+                       prec=3, timestamped=True)
+
+# ---------------------------------------------------------------- state of inputs
+BACKGROUND_STATUS = PV(
+    "BACKGROUND_STATUS", Kind.MBB_IN, "Background state",
+    options=(("None", NO_ALARM), ("Loaded", NO_ALARM), ("Error", MAJOR)),
+    initial=int(BackgroundState.NONE),
+)
+ROI_STATUS = PV("ROI_STATUS", Kind.MBB_IN, "Requested ROI fits the image?",
+                options=(("OK", NO_ALARM), ("Outside image", MAJOR)), initial=0)
+AXIS_STATUS = PV("AXIS_STATUS", Kind.MBB_IN, "SPECTRUM_X fits the image width?",
+                 options=(("OK", NO_ALARM), ("Wrong length", MAJOR)), initial=0)
+ROI_YMIN_RBV = PV("ROI_YMIN_RBV", Kind.LONG_IN, "ROI first row in force", egu="px", initial=0)
+ROI_YMAX_RBV = PV("ROI_YMAX_RBV", Kind.LONG_IN, "ROI end row in force", egu="px", initial=0)
+IMAGE_WIDTH = PV("IMAGE_WIDTH", Kind.LONG_IN, "Image width of the last frame", egu="px",
+                 initial=0)
+IMAGE_HEIGHT = PV("IMAGE_HEIGHT", Kind.LONG_IN, "Image height of the last frame", egu="px",
+                  initial=0)
+
+# ---------------------------------------------------------------- statistics
+RATE = PV("RATE", Kind.AI, "Processed frames per second", egu="Hz", prec=1, initial=0.0)
+N_PROCESSED = PV("N_PROCESSED", Kind.INT64_IN, "Frames processed since start", initial=0)
+N_LOST = PV("N_LOST", Kind.INT64_IN, "Pulse-id gaps and frames skipped", initial=0)
+N_ERRORS = PV("N_ERRORS", Kind.INT64_IN, "Malformed input and processing errors",
+              initial=0)
+N_OUT_DROPPED = PV("N_OUT_DROPPED", Kind.INT64_IN, "Output stream messages dropped",
+                   initial=0)
+PROC_TIME = PV("PROC_TIME", Kind.AI, "Processing time of the last frame", egu="ms", prec=3,
+               initial=0.0)
+
+TABLE: tuple[PV, ...] = tuple(v for v in list(globals().values()) if isinstance(v, PV))
+BY_NAME: dict[str, PV] = {pv.name: pv for pv in TABLE}
+if len(BY_NAME) != len(TABLE):  # pragma: no cover - a typo in the table above
+    raise RuntimeError("duplicate PV names in the PV table")
+
+AUTOSAVED: tuple[PV, ...] = tuple(pv for pv in TABLE if pv.autosave)
+
+
+def full_name(prefix: str, pv: PV | str) -> str:
+    """``<prefix>:<name>`` for an entry of the table (or a bare suffix such as PVA_GROUP)."""
+    suffix = pv.name if isinstance(pv, PV) else pv
+    return f"{prefix}:{suffix}"
+
+
+def markdown_table() -> str:
+    """The PV table for the README."""
+    lines = ["| PV | kind | EGU | writable | autosaved | description |",
+             "|---|---|---|---|---|---|"]
+    for pv in TABLE:
+        lines.append(
+            f"| `<prefix>:{pv.name}` | {pv.kind.value} | {pv.egu} | "
+            f"{'yes' if pv.writable else ''} | {'yes' if pv.autosave else ''} | {pv.desc} |"
+        )
+    return "\n".join(lines)
