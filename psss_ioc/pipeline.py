@@ -1,0 +1,561 @@
+"""The processing loop: one worker thread doing receive -> process -> send -> publish.
+
+`Pipeline` knows nothing of EPICS: it talks to the IOC through the small `Publisher`
+interface and gets its frames from any `FrameSource` (the bsread `stream.CameraSource` in the
+IOC, a fake in the tests). Settings are one immutable `processing.Settings` object swapped
+atomically; a frame is always processed with one consistent set.
+
+Bad input policy: a setting that does not fit the frames (ROI beyond the image height,
+background of another shape, axis of another length) is rejected *at the first frame that
+shows it*: the last good value stays in force and the publisher is told which setting and why.
+An unexpected exception is logged with its traceback, shown as state ERROR with the reason for
+a few seconds, counted, and the loop goes on with the next frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from psss_ioc.processing import (
+    AveragedResult,
+    FrameMismatchError,
+    Result,
+    RunningAverage,
+    Settings,
+    process,
+)
+from psss_ioc.pvs import State
+
+log = logging.getLogger(__name__)
+
+# Which Settings fields a FrameMismatchError kind refers to.
+MISMATCH_FIELDS: dict[str, tuple[str, ...]] = {
+    "roi": ("roi",),
+    "background_shape": ("background", "background_name"),
+    "axis_length": ("axis",),
+}
+
+
+class FrameLike(Protocol):
+    pulse_id: int
+    timestamp: tuple[int, int]
+    image: np.ndarray
+
+
+class FrameSource(Protocol):
+    def receive(self) -> FrameLike | None: ...
+
+    def close(self) -> None: ...
+
+
+class ResultSink(Protocol):
+    def send(self, frame: Any, result: Result, parameters: dict[str, Any]) -> bool: ...
+
+
+SourceFactory = Callable[[str, str], FrameSource]
+
+
+class Publisher(Protocol):
+    """What the pipeline tells the outside world (the IOC's records, or a test)."""
+
+    def publish_result(
+        self, frame: FrameLike, result: Result, average: AveragedResult | None
+    ) -> None: ...
+
+    def publish_state(self, state: State, message: str) -> None: ...
+
+    def publish_statistics(self, stats: Statistics) -> None: ...
+
+    def publish_image_shape(self, height: int, width: int) -> None: ...
+
+    def publish_rejected(self, kind: str, message: str, in_force: Settings) -> None:
+        """A requested setting does not fit the frames; `in_force` is what is used instead."""
+        ...
+
+    def publish_message(self, message: str, error: bool) -> None: ...
+
+
+class NullPublisher:
+    """A publisher that drops everything (for benchmarks and a bare pipeline)."""
+
+    def publish_result(self, frame: Any, result: Any, average: Any) -> None:
+        pass
+
+    def publish_state(self, state: State, message: str) -> None:
+        pass
+
+    def publish_statistics(self, stats: Statistics) -> None:
+        pass
+
+    def publish_image_shape(self, height: int, width: int) -> None:
+        pass
+
+    def publish_rejected(self, kind: str, message: str, in_force: Settings) -> None:
+        pass
+
+    def publish_message(self, message: str, error: bool) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Statistics:
+    state: State
+    n_received: int
+    n_processed: int
+    n_lost: int
+    n_errors: int
+    n_out_dropped: int
+    n_sent: int
+    rate_hz: float
+    proc_time_ms: float
+    last_pulse_id: int | None
+    processing_start_time: float | None
+    last_sent_time: float | None
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["state"] = self.state.name.lower()
+        d["n_processed_images"] = self.n_processed
+        d["last_sent_pulse_id"] = self.last_pulse_id
+        d["last_processing_duration_ms"] = self.proc_time_ms
+        return d
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and a.shape == b.shape
+            and bool(np.array_equal(a, b))
+        )
+    return bool(a == b)
+
+
+class _RateLimitedLog:
+    """One log line per key per `period` seconds, with the count of the ones suppressed."""
+
+    def __init__(self, period: float = 10.0) -> None:
+        self.period = period
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, key: str, level: int, msg: str, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (-1e9, 0))
+        if now - last < self.period:
+            self._last[key] = (last, suppressed + 1)
+            return
+        if suppressed:
+            msg = f"{msg} ({suppressed} similar messages suppressed)"
+        self._last[key] = (now, 0)
+        log.log(level, msg, exc_info=exc_info)
+
+
+class Pipeline:
+    """Receive, process, send and publish frames in one worker thread.
+
+    Args:
+        source_factory: ``(address, mode) -> FrameSource``; called in the worker thread.
+        publisher: receives results, state, statistics and notices.
+        sender: the output stream (``send`` must never block), or None.
+        wait_timeout: seconds without a frame before the state becomes "Waiting for stream".
+        error_hold: seconds an unexpected error keeps the state at ERROR.
+        stats_period: seconds between statistics updates.
+    """
+
+    def __init__(
+        self,
+        source_factory: SourceFactory,
+        publisher: Publisher | None = None,
+        sender: ResultSink | None = None,
+        settings: Settings | None = None,
+        average_n: int = 10,
+        wait_timeout: float = 2.0,
+        error_hold: float = 3.0,
+        stats_period: float = 0.5,
+        source_counters: Callable[[FrameSource], dict[str, int]] | None = None,
+    ) -> None:
+        self._factory = source_factory
+        self.publisher: Publisher = publisher or NullPublisher()
+        self._sender = sender
+        self._requested = settings if settings is not None else Settings()
+        self._in_force = self._requested
+        self._lock = threading.Lock()
+        self._average_n = self._check_average_n(average_n)
+        self._average: RunningAverage | None = None
+        self._average_settings: Settings | None = None
+        self.wait_timeout = wait_timeout
+        self.error_hold = error_hold
+        self.stats_period = stats_period
+        self._source_counters = source_counters
+        self._input: tuple[str, str] = ("", "PULL")
+        self._input_changed = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._state = State.STOPPED
+        self._log = _RateLimitedLog()
+        self._image_shape: tuple[int, int] | None = None
+        self._parameters_cache: tuple[Settings, dict[str, Any]] | None = None
+        self._reset_counters()
+
+    # ------------------------------------------------------------------ control API
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def settings(self) -> Settings:
+        """The settings requested (what the next frame will be processed with)."""
+        return self._requested
+
+    @property
+    def settings_in_force(self) -> Settings:
+        """The settings the last processed frame was processed with."""
+        return self._in_force
+
+    @property
+    def image_shape(self) -> tuple[int, int] | None:
+        """(height, width) of the last frame, None before the first frame."""
+        return self._image_shape
+
+    @property
+    def input(self) -> tuple[str, str]:
+        return self._input
+
+    @property
+    def average_n(self) -> int:
+        return self._average_n
+
+    def configure(self, **changes: Any) -> Settings:
+        """Replace some fields of the settings; raises ValueError (nothing applied) if invalid.
+
+        The new settings are built completely (and validated by `Settings`) before one
+        reference swap makes them current.
+        """
+        with self._lock:
+            new = dataclasses.replace(self._requested, **changes)
+            self._requested = new
+        return new
+
+    def check(self, **changes: Any) -> Settings:
+        """Build the settings `configure` would make, without applying them (raises ValueError)."""
+        return dataclasses.replace(self._requested, **changes)
+
+    def set_average_n(self, n: int) -> None:
+        self._average_n = self._check_average_n(n)
+        self._average_settings = None  # the worker starts a new average
+
+    def set_input(self, address: str, mode: str | None = None) -> None:
+        """Change the input stream; a running pipeline reconnects."""
+        mode = (mode or self._input[1]).upper()
+        if mode not in ("PULL", "SUB"):
+            raise ValueError(f"input mode must be PULL or SUB, not {mode!r}")
+        self._input = (address.strip(), mode)
+        self._input_changed.set()
+
+    def start(self) -> None:
+        """Start processing; harmless when already running. Raises ValueError without input."""
+        if self.running:
+            return
+        if not self._input[0]:
+            raise ValueError("no input stream address set (INPUT_STREAM is empty)")
+        self._stop.clear()
+        self._input_changed.clear()
+        self._reset_counters()
+        self._processing_start_time = time.time()
+        self._set_state(State.WAITING, f"connecting to {self._input[0]} ({self._input[1]})")
+        self._thread = threading.Thread(target=self._run, name="psss-pipeline", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop processing and wait until the worker has finished; harmless when stopped."""
+        thread = self._thread
+        self._stop.set()
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.error("processing thread did not stop within %.1f s", timeout)
+                return
+        self._thread = None
+        if self._state != State.STOPPED:
+            self._set_state(State.STOPPED, "processing stopped")
+            self.publisher.publish_statistics(self.statistics())
+
+    def statistics(self) -> Statistics:
+        return Statistics(
+            state=self._state,
+            n_received=self._n_received,
+            n_processed=self._n_processed,
+            n_lost=self._n_lost + self._n_skipped,
+            n_errors=sum(self._errors.values()) + sum(self._source_errors.values()),
+            n_out_dropped=self._n_out_dropped,
+            n_sent=self._n_sent,
+            rate_hz=self._rate,
+            proc_time_ms=self._proc_time_ms,
+            last_pulse_id=self._last_pulse_id,
+            processing_start_time=self._processing_start_time,
+            last_sent_time=self._last_sent_time,
+            errors_by_kind={**self._source_errors, **self._errors},
+        )
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _check_average_n(n: int) -> int:
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"running average length must be a positive integer, not {n!r}")
+        return int(n)
+
+    def _reset_counters(self) -> None:
+        self._n_received = 0
+        self._n_processed = 0
+        self._n_lost = 0
+        self._n_skipped = 0
+        self._n_out_dropped = 0
+        self._n_sent = 0
+        self._errors: dict[str, int] = {}
+        self._source_errors: dict[str, int] = {}
+        self._rate = 0.0
+        self._proc_time_ms = 0.0
+        self._last_pulse_id: int | None = None
+        self._processing_start_time: float | None = None
+        self._last_sent_time: float | None = None
+        self._last_frame_time: float | None = None
+        self._last_error_time: float = -1e9
+        self._rate_mark = (time.monotonic(), 0)
+        self._next_stats = 0.0
+
+    def _set_state(self, state: State, message: str = "", error: bool = False) -> None:
+        changed = state != self._state
+        self._state = state
+        if changed or message:
+            self.publisher.publish_state(state, message)
+            if message:
+                log.log(logging.ERROR if error else logging.INFO, "%s", message)
+
+    def _count_error(self, kind: str) -> None:
+        self._errors[kind] = self._errors.get(kind, 0) + 1
+
+    def _unexpected(self, where: str, exc: BaseException) -> None:
+        """An exception nobody expected: log with traceback, show, count, go on."""
+        self._count_error("unexpected")
+        self._last_error_time = time.monotonic()
+        message = f"unexpected error while {where}: {type(exc).__name__}: {exc}"
+        self._log("unexpected:" + where, logging.ERROR, message, exc_info=True)
+        self._set_state(State.ERROR, message, error=True)
+
+    def _run(self) -> None:
+        source: FrameSource | None = None
+        try:
+            while not self._stop.is_set():
+                if source is None or self._input_changed.is_set():
+                    self._input_changed.clear()
+                    self._close(source)
+                    source = self._open()
+                    if source is None:
+                        self._stop.wait(1.0)
+                        continue
+                try:
+                    frame = source.receive()
+                except Exception as e:
+                    self._unexpected("receiving a frame", e)
+                    self._stop.wait(0.1)
+                    continue
+                if frame is None:
+                    self._idle()
+                else:
+                    self._handle(frame)
+                self._maybe_publish_statistics(source)
+        except BaseException as e:  # pragma: no cover - last resort, must never be silent
+            log.critical("processing thread died", exc_info=True)
+            self._set_state(State.ERROR, f"processing thread died: {e!r}", error=True)
+            raise
+        finally:
+            self._close(source)
+        self._maybe_publish_statistics(source, force=True)
+
+    def _open(self) -> FrameSource | None:
+        address, mode = self._input
+        try:
+            source = self._factory(address, mode)
+        except Exception as e:
+            self._count_error("connect")
+            self._last_error_time = time.monotonic()
+            self._log("connect", logging.ERROR, f"cannot open {address}: {e}", exc_info=True)
+            self._set_state(State.ERROR, f"cannot open input stream {address}: {e}", error=True)
+            return None
+        self._last_frame_time = None
+        self._set_state(State.WAITING, f"waiting for stream {address} ({mode})")
+        return source
+
+    @staticmethod
+    def _close(source: FrameSource | None) -> None:
+        if source is None:
+            return
+        try:
+            source.close()
+        except Exception:
+            log.exception("closing the input stream failed")
+
+    def _idle(self) -> None:
+        now = time.monotonic()
+        if self._state == State.ERROR and now - self._last_error_time < self.error_hold:
+            return
+        last = self._last_frame_time
+        if self._state != State.WAITING and (last is None or now - last >= self.wait_timeout):
+            self._set_state(
+                State.WAITING,
+                f"waiting for stream {self._input[0]}: no frame for {self.wait_timeout:g} s",
+            )
+
+    def _handle(self, frame: FrameLike) -> None:
+        t0 = time.perf_counter()
+        self._n_received += 1
+        self._last_frame_time = time.monotonic()
+        try:
+            self._count_pulse(frame.pulse_id)
+            image = frame.image
+            if not isinstance(image, np.ndarray) or image.ndim != 2:
+                shape = getattr(image, "shape", None)
+                self._count_error("bad_image")
+                self._n_skipped += 1
+                self._log("bad_image", logging.WARNING, f"frame {frame.pulse_id}: image is not "
+                          f"a 2-D array (shape {shape}); skipped")
+                return
+            self._note_shape(image.shape)
+            result = self._process(image)
+            if result is None:
+                self._n_skipped += 1
+                return
+            settings = self._in_force
+            average = self._add_to_average(result, settings)
+            if self._sender is not None:
+                if self._sender.send(frame, result, self._parameters(settings)):
+                    self._n_sent += 1
+                    self._last_sent_time = time.time()
+                else:
+                    self._n_out_dropped += 1
+            self._n_processed += 1
+            self._proc_time_ms = (time.perf_counter() - t0) * 1e3
+            self.publisher.publish_result(frame, result, average)
+            if self._state != State.PROCESSING and not (
+                self._state == State.ERROR
+                and time.monotonic() - self._last_error_time < self.error_hold
+            ):
+                self._set_state(State.PROCESSING, f"processing {self._input[0]}")
+        except Exception as e:
+            self._unexpected(f"processing frame {getattr(frame, 'pulse_id', '?')}", e)
+
+    def _count_pulse(self, pulse_id: int) -> None:
+        last = self._last_pulse_id
+        if last is not None and pulse_id > last + 1:
+            self._n_lost += pulse_id - last - 1
+        self._last_pulse_id = pulse_id
+
+    def _note_shape(self, shape: tuple[int, ...]) -> None:
+        h, w = int(shape[0]), int(shape[1])
+        if self._image_shape != (h, w):
+            previous = self._image_shape
+            self._image_shape = (h, w)
+            self.publisher.publish_image_shape(h, w)
+            if previous is not None:
+                msg = f"image shape changed from {previous[0]} x {previous[1]} to {h} x {w}"
+                self._count_error("shape_change")
+                self._log("shape", logging.WARNING, msg)
+                self.publisher.publish_message(msg, error=True)
+
+    def _process(self, image: np.ndarray) -> Result | None:
+        """process() with the requested settings; fall back field by field on a mismatch."""
+        settings = self._requested
+        for _ in range(len(MISMATCH_FIELDS) * 2 + 1):
+            try:
+                result = process(image, settings)
+            except FrameMismatchError as e:
+                fallback = self._fallback(settings, e.kind)
+                if fallback is None:
+                    self._count_error(f"mismatch_{e.kind}")
+                    self._log("mismatch", logging.ERROR, f"frame skipped: {e}")
+                    return None
+                self._reject(settings, fallback, e)
+                settings = fallback
+                continue
+            self._in_force = settings
+            return result
+        return None  # pragma: no cover - every fallback step removes one mismatch
+
+    def _fallback(self, settings: Settings, kind: str) -> Settings | None:
+        """The settings with the fields of `kind` taken from the last good ones, else unset."""
+        fields = MISMATCH_FIELDS.get(kind)
+        if fields is None:
+            return None
+        good = self._in_force
+        if not all(_same(getattr(settings, f), getattr(good, f)) for f in fields):
+            values = {f: getattr(good, f) for f in fields}
+        else:
+            default = Settings()
+            values = {f: getattr(default, f) for f in fields}
+            if all(_same(getattr(settings, f), values[f]) for f in fields):
+                return None
+        try:
+            return dataclasses.replace(settings, **values)
+        except ValueError:
+            return None
+
+    def _reject(self, requested: Settings, fallback: Settings, e: FrameMismatchError) -> None:
+        with self._lock:
+            if self._requested is requested:
+                self._requested = fallback  # the bad value is not retried on every frame
+        self._count_error(f"rejected_{e.kind}")
+        msg = f"{e}; keeping the previous setting"
+        self._log("reject:" + e.kind, logging.WARNING, msg)
+        self.publisher.publish_rejected(e.kind, msg, fallback)
+
+    def _add_to_average(self, result: Result, settings: Settings) -> AveragedResult | None:
+        if self._average is None or self._average_settings is not settings:
+            # new settings (ROI, background, axis, ...): a new average, no mixed spectra
+            self._average = RunningAverage(self._average_n, min_snr=settings.min_snr)
+            self._average_settings = settings
+        return self._average.add(result, fit_enabled=settings.fit_enabled)
+
+    def _parameters(self, settings: Settings) -> dict[str, Any]:
+        cache = self._parameters_cache
+        if cache is None or cache[0] is not settings:
+            cache = (settings, settings.describe())
+            self._parameters_cache = cache
+        return cache[1]
+
+    def _maybe_publish_statistics(self, source: FrameSource | None, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next_stats:
+            return
+        self._next_stats = now + self.stats_period
+        t_mark, n_mark = self._rate_mark
+        if now > t_mark:
+            self._rate = (self._n_processed - n_mark) / (now - t_mark)
+        self._rate_mark = (now, self._n_processed)
+        if source is not None and self._source_counters is not None:
+            try:
+                self._source_errors = dict(self._source_counters(source))
+            except Exception:
+                log.exception("reading the input stream counters failed")
+        if self._state == State.ERROR and now - self._last_error_time >= self.error_hold:
+            last = self._last_frame_time
+            if last is not None and now - last < self.wait_timeout:
+                self._set_state(State.PROCESSING, f"processing {self._input[0]}")
+            else:
+                self._set_state(State.WAITING, f"waiting for stream {self._input[0]}")
+        self.publisher.publish_statistics(self.statistics())
