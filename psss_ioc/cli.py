@@ -8,6 +8,8 @@ import click
 
 from psss_ioc import __version__
 from psss_ioc.bench import bench
+from psss_ioc.commands import demo_command, run_command
+from psss_ioc.simulate import simulate
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -30,3 +32,6 @@ def main(log_level: str) -> None:
 
 
 main.add_command(bench)
+main.add_command(simulate)
+main.add_command(run_command)
+main.add_command(demo_command)

@@ -14,9 +14,10 @@ def bench() -> None:
 
 
 def _register() -> None:
-    from psss_ioc.bench import core
+    from psss_ioc.bench import core, stream
 
     bench.add_command(core.core)
+    bench.add_command(stream.stream)
 
 
 _register()

@@ -1,0 +1,125 @@
+"""`psss-ioc bench stream`: CameraSource receive rate vs the transport ceiling, side by side.
+
+One simulator process streams pre-encoded frames as fast as it can (PUSH, tcp loopback).
+Against that same stream we alternate, `--rounds` times: a bare pyzmq
+``recv_multipart(copy=False)`` loop (the ceiling: ZeroMQ + TCP, no bsread at all) and
+`CameraSource.receive()` (psi-bsread's socket handling + our decoding: headers, checks, image
+as a numpy array). Medians of the rounds, ratio = ours / ceiling. Uncompressed and
+bitshuffle_lz4: for the latter the ceiling moves fewer bytes and ours also decompresses.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import sys
+import time
+
+import click
+import zmq
+
+from psss_ioc.bench.report import emit, median
+from psss_ioc.simulate import SimulatorProcess
+from psss_ioc.stream import CameraSource, image_channel_for
+
+PREFIX = "BENCH-PSSS"
+QUEUE_SIZE = 20  # receive high-water mark, the same for both loops
+
+
+def bare_rate(address: str, frames: int, warmup: int) -> tuple[float, float]:
+    """(frames/s, MB per message) of a bare pyzmq PULL loop."""
+    context = zmq.Context()
+    sock = context.socket(zmq.PULL)
+    sock.set_hwm(QUEUE_SIZE)
+    sock.setsockopt(zmq.RCVTIMEO, 30_000)
+    sock.connect(address)
+    try:
+        for _ in range(warmup):
+            sock.recv_multipart(copy=False)
+        nbytes = 0
+        start = time.perf_counter()
+        for _ in range(frames):
+            parts = sock.recv_multipart(copy=False)
+            nbytes += sum(len(p) for p in parts)
+        elapsed = time.perf_counter() - start
+    finally:
+        sock.close(0)
+        context.term()
+    return frames / elapsed, nbytes / frames / 1e6
+
+
+def ours_rate(address: str, frames: int, warmup: int, profile: cProfile.Profile | None = None
+              ) -> float:
+    """frames/s of CameraSource.receive() on the same stream."""
+    with CameraSource(address, "PULL", image_channel_for(PREFIX), receive_timeout=30.0,
+                      queue_size=QUEUE_SIZE) as source:
+        for _ in range(warmup):
+            if source.receive() is None:
+                raise RuntimeError("no frame from the simulator")
+        if profile is not None:
+            profile.enable()
+        start = time.perf_counter()
+        for _ in range(frames):
+            if source.receive() is None:
+                raise RuntimeError("no frame from the simulator")
+        elapsed = time.perf_counter() - start
+        if profile is not None:
+            profile.disable()
+        if source.counters.skipped:
+            raise RuntimeError(f"frames skipped: {source.counters.last_error}")
+    return frames / elapsed
+
+
+def run_case(height: int, width: int, compression: str, frames: int, rounds: int, warmup: int,
+             profile: bool) -> dict[str, object]:
+    args = ["--rate", "0", "--height", str(height), "--width", str(width), "--compression",
+            compression, "--pool", "8", "--seed", "1", "--prefix", PREFIX]
+    ceiling: list[float] = []
+    ours: list[float] = []
+    wire_mb = 0.0
+    with SimulatorProcess(args) as sim:
+        for _ in range(rounds):
+            rate, wire_mb = bare_rate(sim.address, frames, warmup)
+            ceiling.append(rate)
+            ours.append(ours_rate(sim.address, frames, warmup))
+        if profile:
+            _profile(sim.address, frames, warmup, compression)
+    ours_hz, ceiling_hz = median(ours), median(ceiling)
+    return {
+        "case": f"{height}x{width} uint16 {compression}",
+        "ours_hz": round(ours_hz, 1),
+        "ceiling_hz": round(ceiling_hz, 1),
+        "ratio": round(ours_hz / ceiling_hz, 3),
+        "wire_mb": round(wire_mb, 3),
+        "frames": frames,
+        "rounds": rounds,
+    }
+
+
+def _profile(address: str, frames: int, warmup: int, compression: str) -> None:
+    prof = cProfile.Profile()
+    ours_rate(address, frames, warmup, prof)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+    sys.stderr.write(f"--- CameraSource.receive profile, {compression} ---\n{out.getvalue()}")
+
+
+@click.command("stream")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per case.")
+@click.option("--frames", type=int, default=1000, show_default=True,
+              help="Frames timed per measurement.")
+@click.option("--rounds", type=int, default=2, show_default=True,
+              help="Alternating ceiling/ours measurements per case (median reported).")
+@click.option("--warmup", type=int, default=20, show_default=True)
+@click.option("--height", type=int, default=2016, show_default=True)
+@click.option("--width", type=int, default=2560, show_default=True)
+@click.option("--compression", "compressions", multiple=True,
+              type=click.Choice(["none", "bitshuffle_lz4"]),
+              default=("none", "bitshuffle_lz4"), show_default=True)
+@click.option("--profile", is_flag=True, help="Also print a cProfile of receive() to stderr.")
+def stream(as_json: bool, frames: int, rounds: int, warmup: int, height: int, width: int,
+           compressions: tuple[str, ...], profile: bool) -> None:
+    """CameraSource receive rate vs a bare pyzmq recv_multipart loop (tcp loopback)."""
+    rows = [run_case(height, width, c, frames, rounds, warmup, profile) for c in compressions]
+    emit(rows, as_json, title="bench stream: CameraSource vs bare pyzmq (same stream, one run)")

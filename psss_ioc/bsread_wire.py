@@ -1,0 +1,486 @@
+"""The bsread wire format: the one module that knows how a bsread message is laid out.
+
+One ZeroMQ multipart message per pulse::
+
+    [main header JSON, data header (JSON, maybe compressed), value_0, timestamp_0, value_1, ...]
+
+A missing value is two empty frames. Shapes travel fastest dimension first (numpy (H, W) is
+``[W, H]`` on the wire); `ChannelSpec.shape` is always in numpy order. ``bitshuffle_lz4``
+values are an 8-byte big-endian byte count, a 4-byte big-endian block size (bytes) and the
+bitshuffle/LZ4 blocks (the HDF5 bitshuffle chunk layout).
+
+Decoding is defensive: anything that does not fit raises `WireError` with a `kind` (one of
+`MALFORMED_KINDS`), never anything else, and compressed data is bounds-checked before it is
+handed to the C decompressor. Encoding is split so that values can be encoded once and sent
+many times (`encode_value` + `MessageWriter.encode`), which keeps the simulator cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import bitshuffle
+import lz4.block
+import numba
+import numpy as np
+
+MAIN_HTYPE = "bsr_m-1.1"
+DATA_HTYPE = "bsr_d-1.1"
+BSLZ4 = "bitshuffle_lz4"
+LZ4 = "lz4"
+COMPRESSIONS = (None, BSLZ4, LZ4)
+
+# Kinds of malformed message (WireError.kind).
+GARBAGE = "garbage"  # first frame is not a bsread main header
+BAD_JSON = "bad_json"  # a header is not valid JSON or lacks/misuses required fields
+FRAME_COUNT = "frame_count"  # number of frames does not match the data header
+SIZE = "size"  # value byte count does not fit the declared shape and type
+UNKNOWN_TYPE = "unknown_type"  # channel type we cannot decode (or not numeric where needed)
+UNKNOWN_COMPRESSION = "unknown_compression"
+CORRUPT = "corrupt"  # compressed data that does not decompress
+MALFORMED_KINDS = (GARBAGE, BAD_JSON, FRAME_COUNT, SIZE, UNKNOWN_TYPE, UNKNOWN_COMPRESSION, CORRUPT)
+
+# bsread type name -> numpy type code (byte order added from the channel's encoding).
+TYPES: dict[str, str] = {
+    "bool": "?",
+    "int8": "i1",
+    "uint8": "u1",
+    "int16": "i2",
+    "uint16": "u2",
+    "int32": "i4",
+    "uint32": "u4",
+    "int64": "i8",
+    "uint64": "u8",
+    "float32": "f4",
+    "float64": "f8",
+    "string": "u1",
+}
+_TYPE_OF_DTYPE = {np.dtype(code).str[1:]: name for name, code in TYPES.items() if name != "string"}
+
+Buffer = bytes | bytearray | memoryview | np.ndarray
+
+
+class WireError(ValueError):
+    """A message that does not follow the bsread format; `kind` says how."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# ---------------------------------------------------------------------------------------------
+# Headers
+
+
+@dataclass(frozen=True, slots=True)
+class MainHeader:
+    pulse_id: int
+    timestamp: tuple[int, int] | None  # global timestamp (sec, ns); None when absent
+    hash: str | None  # opaque data-header cache key
+    dh_compression: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    """One channel of a data header. `shape` is numpy order; None means "not declared"."""
+
+    name: str
+    type: str = "float64"
+    shape: tuple[int, ...] | None = (1,)
+    encoding: str = "little"
+    compression: str | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The numpy dtype of one element (raises WireError for an unknown type)."""
+        code = TYPES.get(self.type)
+        if code is None:
+            raise WireError(UNKNOWN_TYPE, f"channel {self.name!r}: unknown type {self.type!r}")
+        return np.dtype((">" if self.encoding == "big" else "<") + code)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "type": self.type, "encoding": self.encoding}
+        out["shape"] = list(self.shape[::-1]) if self.shape is not None else [1]
+        if self.compression is not None:
+            out["compression"] = self.compression
+        return out
+
+    @classmethod
+    def from_json(cls, item: Any) -> ChannelSpec:
+        """Parse one data-header channel, applying the bsread defaults for absent fields."""
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise WireError(BAD_JSON, f"data header channel without a name: {item!r:.80}")
+        ctype = item.get("type", "float64")
+        shape = item.get("shape")
+        compression = item.get("compression")
+        if not isinstance(ctype, str) or not (compression is None or isinstance(compression, str)):
+            raise WireError(BAD_JSON, f"channel {item['name']!r}: bad type or compression")
+        if shape is not None and not (
+            isinstance(shape, list)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+        ):
+            raise WireError(BAD_JSON, f"channel {item['name']!r}: bad shape {shape!r:.40}")
+        return cls(
+            name=item["name"],
+            type=ctype.lower(),
+            shape=tuple(shape[::-1]) if shape is not None else None,
+            encoding="big" if item.get("encoding") == "big" else "little",
+            compression=None if compression in (None, "none") else compression,
+        )
+
+    @classmethod
+    def for_array(
+        cls, name: str, value: np.ndarray, compression: str | None = None
+    ) -> ChannelSpec:
+        """The spec of a numpy array (or numpy scalar, which becomes shape (1,))."""
+        arr = np.asarray(value)
+        ctype = _TYPE_OF_DTYPE.get(arr.dtype.str[1:])
+        if ctype is None:
+            raise ValueError(f"channel {name!r}: dtype {arr.dtype} has no bsread type")
+        encoding = "big" if arr.dtype.byteorder == ">" else "little"
+        return cls(name, ctype, arr.shape or (1,), encoding, compression)
+
+
+@dataclass(frozen=True)
+class DataHeader:
+    channels: tuple[ChannelSpec, ...]
+    index: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", {c.name: i for i, c in enumerate(self.channels)})
+
+    def to_bytes(self, compression: str | None = None) -> bytes:
+        text = json.dumps({"htype": DATA_HTYPE, "channels": [c.to_json() for c in self.channels]})
+        raw = text.encode()
+        return bytes(_bslz4_encode(np.frombuffer(raw, np.uint8))) if compression == BSLZ4 else raw
+
+    @classmethod
+    def parse(cls, raw: Buffer, compression: str | None = None) -> DataHeader:
+        if compression not in COMPRESSIONS:
+            raise WireError(UNKNOWN_COMPRESSION, f"data header compression {compression!r}")
+        if compression is not None:
+            try:
+                raw = _decompress(raw, np.dtype("u1"), None, compression).tobytes()
+            except WireError as e:
+                raise WireError(BAD_JSON, f"data header: {e}") from e
+        doc = _loads(raw, "data header")
+        channels = doc.get("channels")
+        if not isinstance(channels, list):
+            raise WireError(BAD_JSON, "data header has no channel list")
+        return cls(tuple(ChannelSpec.from_json(item) for item in channels))
+
+
+def _loads(raw: Buffer, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(bytes(raw))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WireError(BAD_JSON, f"{what} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise WireError(BAD_JSON, f"{what} is not a JSON object")
+    return doc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_main_header(raw: Buffer) -> MainHeader:
+    """Parse frame 0. A missing pulse_id is 0 (Java senders omit it); hash is opaque."""
+    try:
+        doc = json.loads(bytes(raw))
+    except (ValueError, UnicodeDecodeError):
+        raise WireError(GARBAGE, f"not a bsread message ({len(raw)}-byte first frame)") from None
+    if not isinstance(doc, dict) or not str(doc.get("htype", "")).startswith("bsr_m"):
+        raise WireError(GARBAGE, "first frame is JSON but not a bsread main header")
+    pulse_id = doc.get("pulse_id", 0)
+    if not _is_int(pulse_id) or pulse_id < 0:
+        raise WireError(BAD_JSON, f"main header: bad pulse_id {pulse_id!r:.40}")
+    timestamp = None
+    ts = doc.get("global_timestamp")
+    if ts is not None:
+        sec = ts.get("sec", ts.get("epoch")) if isinstance(ts, dict) else None
+        ns = ts.get("ns", 0) if isinstance(ts, dict) else None
+        if not (_is_int(sec) and _is_int(ns)):
+            raise WireError(BAD_JSON, f"main header: bad global_timestamp {ts!r:.60}")
+        timestamp = (sec, ns)
+    digest = doc.get("hash")
+    dh_compression = doc.get("dh_compression")
+    if dh_compression == "none":
+        dh_compression = None
+    if dh_compression not in COMPRESSIONS:
+        raise WireError(UNKNOWN_COMPRESSION, f"data header compression {dh_compression!r:.40}")
+    return MainHeader(pulse_id, timestamp, digest if isinstance(digest, str) else None,
+                      dh_compression)
+
+
+def encode_main_header(
+    pulse_id: int, timestamp: tuple[int, int], digest: str, dh_compression: str | None = None
+) -> bytes:
+    doc: dict[str, Any] = {
+        "htype": MAIN_HTYPE,
+        "pulse_id": int(pulse_id),
+        "global_timestamp": {"sec": int(timestamp[0]), "ns": int(timestamp[1])},
+        "hash": digest,
+    }
+    if dh_compression is not None:
+        doc["dh_compression"] = dh_compression
+    return json.dumps(doc).encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+
+def encode_timestamp(timestamp: tuple[int, int], encoding: str = "little") -> bytes:
+    return struct.pack(">qq" if encoding == "big" else "<qq", int(timestamp[0]), int(timestamp[1]))
+
+
+def decode_timestamp(raw: Buffer, encoding: str = "little") -> tuple[int, int] | None:
+    if len(raw) != 16:
+        return None
+    sec, ns = struct.unpack(">qq" if encoding == "big" else "<qq", raw)
+    return sec, ns
+
+
+def encode_value(spec: ChannelSpec, value: Any) -> Buffer | None:
+    """The value frame for `value` (None -> None, i.e. a missing value).
+
+    Uncompressed arrays are returned as contiguous arrays, so they can be sent zero-copy.
+    """
+    if value is None:
+        return None
+    if spec.type == "string":
+        text = value if isinstance(value, str) else json.dumps(value)
+        arr = np.frombuffer(text.encode(), np.uint8)
+    else:
+        arr = np.ascontiguousarray(value, dtype=spec.dtype)
+    if spec.compression is None:
+        return arr
+    if spec.compression == BSLZ4:
+        return _bslz4_encode(arr.reshape(-1))
+    raise ValueError(f"channel {spec.name!r}: cannot encode compression {spec.compression!r}")
+
+
+def decode_value(spec: ChannelSpec, raw: Buffer) -> np.ndarray | str | None:
+    """Decode one value frame: an array of `spec.shape` (numpy order), a str, or None (empty).
+
+    Uncompressed values are zero-copy views of `raw` (read-only when `raw` is).
+    """
+    if len(raw) == 0:
+        return None
+    if spec.compression not in COMPRESSIONS:
+        raise WireError(UNKNOWN_COMPRESSION, f"channel {spec.name!r}: {spec.compression!r:.40}")
+    if spec.type == "string":
+        data = _decompress(raw, np.dtype("u1"), None, spec.compression, spec.encoding)
+        return data.tobytes().decode("utf-8", errors="replace")
+    count = math.prod(spec.shape) if spec.shape is not None else None
+    try:
+        arr = _decompress(raw, spec.dtype, count, spec.compression, spec.encoding)
+    except WireError as e:
+        raise WireError(e.kind, f"channel {spec.name!r}: {e}") from None
+    return arr.reshape(spec.shape) if spec.shape is not None else arr
+
+
+def _decompress(
+    raw: Buffer, dtype: np.dtype, count: int | None, compression: str | None,
+    encoding: str = "little",
+) -> np.ndarray:
+    """Decode a value frame to a 1-D array of `count` elements (any count when None)."""
+    if compression is None:
+        _check_count(len(raw), dtype, count)
+        return np.frombuffer(raw, dtype)
+    buf = np.frombuffer(raw, np.uint8)
+    if compression == BSLZ4:
+        return _bslz4_decode(buf, dtype, count)
+    if compression == LZ4:
+        return _lz4_decode(buf, dtype, count, encoding)
+    raise WireError(UNKNOWN_COMPRESSION, f"compression {compression!r:.40}")
+
+
+def _size_message(nbytes: int, dtype: np.dtype, count: int | None) -> str:
+    want = "a multiple of" if count is None else f"{count} x"
+    return f"{nbytes} bytes is not {want} {dtype.itemsize}-byte {dtype.name}"
+
+
+def _check_count(nbytes: int, dtype: np.dtype, count: int | None) -> int:
+    if nbytes % dtype.itemsize or (count is not None and nbytes != count * dtype.itemsize):
+        raise WireError(SIZE, _size_message(nbytes, dtype, count))
+    return nbytes // dtype.itemsize
+
+
+def _lz4_decode(buf: np.ndarray, dtype: np.dtype, count: int | None, encoding: str) -> np.ndarray:
+    if buf.size < 4:
+        raise WireError(SIZE, "lz4 value shorter than its 4-byte header")
+    nbytes = int.from_bytes(buf[:4].tobytes(), "big" if encoding == "big" else "little")
+    _check_count(nbytes, dtype, count)
+    try:
+        out = lz4.block.decompress(buf[4:].tobytes(), uncompressed_size=nbytes)
+    except lz4.block.LZ4BlockError as e:
+        raise WireError(CORRUPT, f"lz4 value does not decompress: {e}") from None
+    if len(out) != nbytes:
+        raise WireError(CORRUPT, f"lz4 value decompressed to {len(out)} bytes, not {nbytes}")
+    return np.frombuffer(out, dtype)
+
+
+# bitshuffle's default block size rule (elements): 8 kB worth, a multiple of 8, at least 128.
+def bslz4_block_size(itemsize: int) -> int:
+    return max(128, (8192 // itemsize) // 8 * 8)
+
+
+def _bslz4_encode(arr: np.ndarray) -> np.ndarray:
+    block = bslz4_block_size(arr.dtype.itemsize)
+    head = struct.pack(">qi", arr.nbytes, block * arr.dtype.itemsize)
+    body = bitshuffle.compress_lz4(arr, block)
+    return np.concatenate([np.frombuffer(head, np.uint8), body.view(np.uint8)])
+
+
+def _bslz4_decode(buf: np.ndarray, dtype: np.dtype, count: int | None) -> np.ndarray:
+    if buf.size < 12:
+        raise WireError(SIZE, "bitshuffle_lz4 value shorter than its 12-byte header")
+    nbytes, block_bytes = struct.unpack(">qi", buf[:12].tobytes())
+    if nbytes < 0:
+        raise WireError(SIZE, f"bitshuffle_lz4 value declares {nbytes} bytes")
+    n = _check_count(nbytes, dtype, count)
+    if n == 0:
+        return np.empty(0, dtype)
+    itemsize = dtype.itemsize
+    block = block_bytes // itemsize if block_bytes else bslz4_block_size(itemsize)
+    if block_bytes < 0 or block_bytes % itemsize or block <= 0 or block % 8:
+        raise WireError(CORRUPT, f"bitshuffle_lz4 block size {block_bytes} bytes is invalid")
+    # libbitshuffle trusts the per-block sizes; check they stay inside the buffer first.
+    n_blocks = n // block + (1 if (n % block) // 8 else 0)
+    end = _bslz4_blocks_end(buf, 12, n_blocks)
+    if end < 0 or end + (n % 8) * itemsize > buf.size:
+        raise WireError(CORRUPT, "bitshuffle_lz4 value is truncated or its block sizes are wrong")
+    try:
+        out = bitshuffle.decompress_lz4(buf[12:], (n,), dtype.newbyteorder("="), block)
+    except (RuntimeError, ValueError) as e:
+        raise WireError(CORRUPT, f"bitshuffle_lz4 value does not decompress: {e}") from None
+    return out.view(dtype)
+
+
+@numba.njit(cache=True, nogil=True)
+def _bslz4_blocks_end(buf: np.ndarray, start: int, n_blocks: int) -> int:
+    """Offset after n_blocks (4-byte big-endian size + data) blocks, or -1 if out of bounds."""
+    pos = start
+    for _ in range(n_blocks):
+        if pos + 4 > buf.size:
+            return -1
+        size = (buf[pos] << 24) | (buf[pos + 1] << 16) | (buf[pos + 2] << 8) | buf[pos + 3]
+        pos += 4 + size
+        if size < 0 or pos > buf.size:
+            return -1
+    return pos
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+
+
+class MessageWriter:
+    """Builds messages for a fixed channel list; the data header is encoded once."""
+
+    def __init__(self, channels: Sequence[ChannelSpec], dh_compression: str | None = None):
+        self.header = DataHeader(tuple(channels))
+        self.dh_compression = dh_compression
+        self.data_header = self.header.to_bytes(dh_compression)
+        self.hash = hashlib.md5(self.data_header).hexdigest()
+
+    @property
+    def channels(self) -> tuple[ChannelSpec, ...]:
+        return self.header.channels
+
+    def encode_values(self, values: Iterable[Any]) -> list[Buffer | None]:
+        return [encode_value(s, v) for s, v in zip(self.channels, values, strict=True)]
+
+    def encode(
+        self, pulse_id: int, timestamp: tuple[int, int], values: Sequence[Buffer | None]
+    ) -> list[Buffer]:
+        """All frames of one message, from values already passed through `encode_value`."""
+        parts: list[Buffer] = [
+            encode_main_header(pulse_id, timestamp, self.hash, self.dh_compression),
+            self.data_header,
+        ]
+        stamps = {"little": encode_timestamp(timestamp)}
+        for spec, value in zip(self.channels, values, strict=True):
+            if value is None:
+                parts += (b"", b"")
+                continue
+            if spec.encoding not in stamps:
+                stamps[spec.encoding] = encode_timestamp(timestamp, spec.encoding)
+            parts += (value, stamps[spec.encoding])
+        return parts
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelValue:
+    value: np.ndarray | str | None
+    timestamp: tuple[int, int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    pulse_id: int
+    timestamp: tuple[int, int] | None
+    channels: dict[str, ChannelValue]
+
+
+class MessageReader:
+    """Splits and decodes messages; data headers are cached by their (opaque) hash."""
+
+    def __init__(self, cache_size: int = 8) -> None:
+        self._cache: dict[tuple[str, str | None], DataHeader] = {}
+        self._cache_size = cache_size
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def data_header(self, main: MainHeader, raw: Buffer) -> DataHeader:
+        key = (main.hash, main.dh_compression) if main.hash is not None else None
+        if key is not None and (cached := self._cache.get(key)) is not None:
+            return cached
+        header = DataHeader.parse(raw, main.dh_compression)
+        if key is not None:
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            self._cache[key] = header
+        return header
+
+    def split(
+        self, parts: Sequence[Buffer], main: MainHeader | None = None
+    ) -> tuple[MainHeader, DataHeader]:
+        """Parse both headers and check the frame count (raises WireError).
+
+        `main`, when given, is frame 0 already parsed by the caller.
+        """
+        if not parts:
+            raise WireError(GARBAGE, "empty message")
+        if main is None:
+            main = parse_main_header(parts[0])
+        if len(parts) < 2:
+            raise WireError(FRAME_COUNT, "message has a main header only")
+        header = self.data_header(main, parts[1])
+        if len(parts) != 2 + 2 * len(header.channels):
+            raise WireError(
+                FRAME_COUNT,
+                f"{len(parts)} frames for {len(header.channels)} channels "
+                f"(expected {2 + 2 * len(header.channels)})",
+            )
+        return main, header
+
+    def decode(self, parts: Sequence[Buffer]) -> Message:
+        """Decode every channel of a message (raises WireError on the first bad one)."""
+        main, header = self.split(parts)
+        channels = {}
+        for i, spec in enumerate(header.channels):
+            raw, raw_ts = parts[2 + 2 * i], parts[3 + 2 * i]
+            channels[spec.name] = ChannelValue(
+                decode_value(spec, raw), decode_timestamp(raw_ts, spec.encoding)
+            )
+        return Message(main.pulse_id, main.timestamp, channels)

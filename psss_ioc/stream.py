@@ -1,0 +1,581 @@
+"""bsread in and out: `CameraSource` (camera frames in) and `ResultSender` (results out).
+
+`CameraSource` is a thin adapter over psi-bsread's `bsread.Source` (socket set-up, PULL/SUB,
+receive timeout) with our own message handler: psi-bsread's default handler raises on a main
+header without ``pulse_id`` (Java senders omit a pulse id of 0), swallows decode errors into
+None values and decodes every channel. Ours collects the frames of one message and decodes only
+the image channel with `psss_ioc.bsread_wire`, classifying every bad message.
+
+`ResultSender` binds its own ZeroMQ socket and writes pre-encoded messages with
+`bsread_wire.MessageWriter`: psi-bsread's `Sender(block=False)` silently drops messages it
+cannot queue, so it cannot count drops, and it cannot tell whether anyone is subscribed.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import bsread
+import numpy as np
+import zmq
+
+from psss_ioc import bsread_wire as wire
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "SARFE10-PSSS059"
+IMAGE_SUFFIX = ":FPICTURE"
+DEFAULT_IMAGE_CHANNEL = DEFAULT_PREFIX + IMAGE_SUFFIX
+DEFAULT_OUTPUT_PORT = 8889
+
+# Output channels are named after the input image channel (CONTRACT.md, "Output stream").
+SPECTRUM_SUFFIX = ".spectrum"
+CENTER_SUFFIX = ".center"
+FWHM_SUFFIX = ".fwhm"
+PARAMETERS_SUFFIX = ".processing_parameters"
+
+SOURCE_MODES = ("PULL", "SUB")
+SENDER_MODES = ("PUSH", "PUB")
+
+# Counter names besides the malformed kinds (wire.MALFORMED_KINDS).
+MISSING_CHANNEL = "missing_channel"
+EMPTY_IMAGE = "empty_image"
+
+_NUMERIC_TYPES = frozenset(t for t in wire.TYPES if t not in ("string", "bool"))
+
+
+def image_channel_for(prefix: str) -> str:
+    return prefix + IMAGE_SUFFIX
+
+
+@dataclass(frozen=True)
+class OutputChannels:
+    """The channel names of the output stream for one input image channel."""
+
+    image: str
+    spectrum: str
+    center: str
+    fwhm: str
+    parameters: str
+
+    @classmethod
+    def for_image(cls, image_channel: str) -> OutputChannels:
+        return cls(
+            image=image_channel,
+            spectrum=image_channel + SPECTRUM_SUFFIX,
+            center=image_channel + CENTER_SUFFIX,
+            fwhm=image_channel + FWHM_SUFFIX,
+            parameters=image_channel + PARAMETERS_SUFFIX,
+        )
+
+
+@dataclass(slots=True)
+class Frame:
+    """One camera image. `image` is in native byte order and may be a read-only view."""
+
+    pulse_id: int
+    timestamp: tuple[int, int]  # global timestamp (sec, ns)
+    image: np.ndarray
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``tcp://host:port`` (or ``host:port``) -> (host, port); ValueError if malformed."""
+    rest = address.strip()
+    if "://" in rest:
+        scheme, rest = rest.split("://", 1)
+        if scheme != "tcp":
+            raise ValueError(f"stream address {address!r}: only tcp:// is supported")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"stream address {address!r} is not tcp://host:port")
+    return host, int(port)
+
+
+class _RateLimitedLog:
+    """At most one log line per key per `period` seconds, with a count of those suppressed."""
+
+    def __init__(self, logger: logging.Logger, period: float = 10.0) -> None:
+        self._logger = logger
+        self._period = period
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, key: str, message: str, level: int = logging.WARNING) -> None:
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (-math.inf, 0))
+        if now - last < self._period:
+            self._last[key] = (last, suppressed + 1)
+            return
+        if suppressed:
+            message = f"{message} ({suppressed} similar messages suppressed)"
+        self._last[key] = (now, 0)
+        self._logger.log(level, message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+
+
+@dataclass
+class SourceCounters:
+    """Input statistics. All keys of `malformed` exist from the start (stable for records)."""
+
+    received: int = 0  # good frames returned by receive()
+    malformed: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(wire.MALFORMED_KINDS, 0)
+    )
+    missing_channel: int = 0  # messages without the image channel
+    empty_image: int = 0  # messages whose image value is empty ("no value for this pulse")
+    lost_pulses: int = 0  # pulse ids never seen: sum of the gaps in the pulse_id sequence
+    format_changes: int = 0  # image shape or dtype changed (reported, then accepted)
+    reconnects: int = 0
+    last_pulse_id: int | None = None
+    last_error: str = ""
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.malformed.values()) + self.missing_channel + self.empty_image
+
+    def as_dict(self) -> dict[str, int]:
+        """Flat integer counters, malformed kinds as ``malformed_<kind>``."""
+        out = {f"malformed_{kind}": n for kind, n in self.malformed.items()}
+        for name in ("received", MISSING_CHANNEL, EMPTY_IMAGE, "lost_pulses", "format_changes",
+                     "reconnects"):
+            out[name] = getattr(self, name)
+        out["malformed"] = sum(self.malformed.values())
+        out["skipped"] = self.skipped
+        return out
+
+
+def _collect_parts(receiver: Any) -> list[Any] | None:
+    """mflow receive handler: all frames of one message, or None on timeout."""
+    first = receiver.next()
+    if first is None:
+        return None
+    parts = [first]
+    while receiver.has_more():
+        part = receiver.next()
+        if part is None:  # socket error mid-message: what we have is short
+            break
+        parts.append(part)
+    return parts
+
+
+class CameraSource:
+    """Camera frames from a bsread stream (connects; PULL or SUB).
+
+    `receive_timeout` is in seconds: `receive()` returns None when no good frame arrived within
+    it (at most about twice the timeout when bad messages keep arriving). Bad messages never
+    raise: they are skipped and counted in `counters` (see `SourceCounters`), with the latest
+    reason in `counters.last_error` and a rate-limited log line. The image may be of any
+    dimension, numeric dtype and shape: checking it against the settings is the caller's job.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        mode: str = "PULL",
+        image_channel: str = DEFAULT_IMAGE_CHANNEL,
+        receive_timeout: float = 1.0,
+        queue_size: int = 20,
+    ) -> None:
+        parse_address(address)
+        self.address = address
+        self.mode = _check_mode(mode, SOURCE_MODES)
+        self.image_channel = image_channel
+        self.receive_timeout = float(receive_timeout)
+        self.queue_size = queue_size
+        self.counters = SourceCounters()
+        self._reader = wire.MessageReader()
+        self._source: bsread.Source | None = None
+        self._format: tuple[tuple[int, ...], np.dtype] | None = None
+        self._log = _RateLimitedLog(log)
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def connect(self) -> CameraSource:
+        if self._source is not None:
+            return self
+        host, port = parse_address(self.address)
+        source = bsread.Source(
+            host=host,
+            port=port,
+            mode=bsread.PULL if self.mode == "PULL" else bsread.SUB,
+            queue_size=self.queue_size,
+            receive_timeout=max(1, round(self.receive_timeout * 1000)),
+            copy=False,  # zero-copy: uncompressed images are views of the received frames
+        )
+        source.connect()
+        self._source = source
+        return self
+
+    def close(self) -> None:
+        source, self._source = self._source, None
+        if source is not None:
+            source.disconnect()
+
+    def reconnect(self, address: str | None = None, mode: str | None = None) -> None:
+        """Switch to another stream (or the same one again) without losing the counters."""
+        if address is not None:
+            parse_address(address)  # refuse a bad address before dropping the old stream
+        if mode is not None:
+            mode = _check_mode(mode, SOURCE_MODES)
+        self.close()
+        self.address = address if address is not None else self.address
+        self.mode = mode if mode is not None else self.mode
+        self.counters.reconnects += 1
+        self.counters.last_pulse_id = None  # a gap to another stream is not a lost pulse
+        self._reader.clear()
+        self.connect()
+
+    def __enter__(self) -> CameraSource:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def receive(self) -> Frame | None:
+        """The next good frame, or None on timeout."""
+        if self._source is None:
+            raise RuntimeError("CameraSource is not connected")
+        deadline = time.monotonic() + self.receive_timeout
+        while True:
+            message = self._source.receive(handler=_collect_parts)
+            if message is None:
+                return None
+            frame = self._decode(message.data)
+            if frame is not None or time.monotonic() >= deadline:
+                return frame
+
+    def _decode(self, parts: Sequence[Any]) -> Frame | None:
+        try:
+            main = wire.parse_main_header(parts[0])
+        except wire.WireError as e:
+            return self._skip(e.kind, str(e))
+        self._track_pulse_id(main.pulse_id)
+        try:
+            _, header = self._reader.split(parts, main)
+        except wire.WireError as e:
+            return self._skip(e.kind, f"pulse {main.pulse_id}: {e}")
+        index = header.index.get(self.image_channel)
+        if index is None:
+            return self._skip(MISSING_CHANNEL,
+                              f"pulse {main.pulse_id}: no channel {self.image_channel!r}")
+        spec = header.channels[index]
+        raw = parts[2 + 2 * index]
+        if len(raw) == 0:
+            return self._skip(EMPTY_IMAGE, f"pulse {main.pulse_id}: empty image value")
+        try:
+            if spec.type not in _NUMERIC_TYPES:
+                raise wire.WireError(wire.UNKNOWN_TYPE, f"image type {spec.type!r:.40}")
+            image = wire.decode_value(spec, raw)
+        except wire.WireError as e:
+            return self._skip(e.kind, f"pulse {main.pulse_id}: {e}")
+        assert isinstance(image, np.ndarray)
+        if not image.dtype.isnative:
+            image = image.astype(image.dtype.newbyteorder("="))
+        timestamp = (main.timestamp or wire.decode_timestamp(parts[3 + 2 * index], spec.encoding)
+                     or (0, 0))
+        self._track_format(image)
+        self.counters.received += 1
+        return Frame(main.pulse_id, timestamp, image)
+
+    def _skip(self, kind: str, message: str) -> None:
+        if kind in self.counters.malformed:
+            self.counters.malformed[kind] += 1
+        else:
+            setattr(self.counters, kind, getattr(self.counters, kind) + 1)
+        self.counters.last_error = f"skipped message ({kind}): {message}"
+        self._log(kind, f"{self.address}: {self.counters.last_error}")
+
+    def _track_pulse_id(self, pulse_id: int) -> None:
+        last = self.counters.last_pulse_id
+        if last is not None and pulse_id > last + 1:
+            self.counters.lost_pulses += pulse_id - last - 1
+        self.counters.last_pulse_id = pulse_id
+
+    def _track_format(self, image: np.ndarray) -> None:
+        fmt = (image.shape, image.dtype)
+        old, self._format = self._format, fmt
+        if old is not None and old != fmt:
+            self.counters.format_changes += 1
+            self.counters.last_error = (
+                f"image format changed from {_describe(*old)} to {_describe(*fmt)}"
+            )
+            self._log("format", f"{self.address}: {self.counters.last_error}")
+
+
+def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
+    return f"{' x '.join(map(str, shape))} {dtype.name}"
+
+
+def _check_mode(mode: str, allowed: tuple[str, ...]) -> str:
+    upper = str(mode).upper()
+    if upper not in allowed:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(allowed)}")
+    return upper
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+class SendStatus(enum.Enum):
+    SENT = "sent"
+    NO_CONSUMER = "no consumer connected"
+    FULL = "queue full or no consumer connected"
+
+
+class BoundSocket:
+    """A bound PUSH or PUB socket that sends whole messages without blocking.
+
+    PUB is an XPUB with ``XPUB_NODROP``: a full queue is reported instead of being silently
+    dropped, and the subscriptions it receives tell whether anyone is listening. (PUSH cannot
+    tell "no consumer" from "queue full": both are `SendStatus.FULL`.) `port` 0 binds a free
+    port; `port` holds the actual one after `open()`.
+    """
+
+    def __init__(
+        self, port: int, mode: str = "PUSH", host: str = "*", queue_size: int = 10,
+        linger: float = 0.2,
+    ) -> None:
+        self.mode = _check_mode(mode, SENDER_MODES)
+        self.host = host
+        self.port = port
+        self.queue_size = queue_size
+        self.linger = linger
+        self._context: zmq.Context | None = None
+        self._socket: zmq.Socket | None = None
+        self._topics: set[bytes] = set()
+
+    @property
+    def endpoint(self) -> str:
+        host = "127.0.0.1" if self.host in ("*", "0.0.0.0") else self.host
+        return f"tcp://{host}:{self.port}"
+
+    def open(self) -> int:
+        if self._socket is not None:
+            return self.port
+        context = zmq.Context()
+        sock = context.socket(zmq.PUSH if self.mode == "PUSH" else zmq.XPUB)
+        sock.setsockopt(zmq.SNDHWM, self.queue_size)
+        sock.setsockopt(zmq.LINGER, round(self.linger * 1000))
+        if self.mode == "PUB":
+            sock.setsockopt(zmq.XPUB_NODROP, 1)
+        try:
+            if self.port == 0:
+                self.port = sock.bind_to_random_port(f"tcp://{self.host}")
+            else:
+                sock.bind(f"tcp://{self.host}:{self.port}")
+        except zmq.ZMQError as e:
+            sock.close(0)
+            context.term()
+            raise OSError(f"cannot bind tcp://{self.host}:{self.port}: {e}") from e
+        self._context, self._socket = context, sock
+        return self.port
+
+    def close(self, linger: float | None = None) -> None:
+        sock, self._socket = self._socket, None
+        if sock is not None:
+            sock.close(round((self.linger if linger is None else linger) * 1000))
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+        self._topics.clear()
+
+    def has_consumer(self) -> bool | None:
+        """PUB: whether anyone is subscribed. PUSH: None (unknown)."""
+        if self.mode == "PUSH" or self._socket is None:
+            return None
+        while True:  # subscription messages: b"\x01" + topic, b"\x00" + topic to unsubscribe
+            try:
+                msg = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if msg[:1] == b"\x01":
+                self._topics.add(msg[1:])
+            elif msg[:1] == b"\x00":
+                self._topics.discard(msg[1:])
+        return bool(self._topics)
+
+    def send(self, parts: Sequence[Any], timeout: float = 0.0) -> SendStatus:
+        """Queue one message, waiting at most `timeout` seconds for room."""
+        if self._socket is None:
+            raise RuntimeError("socket is not open")
+        if self.has_consumer() is False:
+            return SendStatus.NO_CONSUMER
+        if timeout > 0 and not self._socket.poll(round(timeout * 1000), zmq.POLLOUT):
+            return SendStatus.FULL
+        try:
+            self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return SendStatus.FULL
+        return SendStatus.SENT
+
+
+@dataclass
+class SenderCounters:
+    sent: int = 0
+    dropped: int = 0  # not queued: no consumer, queue full, or a value that cannot be encoded
+    image_sent: int = 0  # separate image stream (image_port), if any
+    image_dropped: int = 0
+    last_pulse_id: int | None = None
+    last_sent_time: float | None = None  # epoch seconds
+    last_error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ResultSender:
+    """The output bsread stream: one message per processed frame (binds; PUSH or PUB).
+
+    Channels (`OutputChannels`): the image (unless ``forward_image=False``), ``.spectrum``
+    (its own dtype: integer stays integer), ``.center`` and ``.fwhm`` (float64; missing values
+    when the fit failed or was not run), ``.processing_parameters`` (JSON string). The data
+    header changes only when a channel's type or shape does. `send()` never blocks.
+
+    `result` is duck-typed: ``spectrum``, ``center``, ``fwhm`` and optionally ``fit_ok``.
+    With `image_port`, the image goes in its own stream on that port, as psss_processing
+    v1.8.0 did, instead of the results stream.
+    """
+
+    def __init__(
+        self,
+        port: int = DEFAULT_OUTPUT_PORT,
+        mode: str = "PUSH",
+        image_channel: str = DEFAULT_IMAGE_CHANNEL,
+        forward_image: bool = True,
+        queue_size: int = 10,
+        host: str = "*",
+        image_port: int | None = None,
+    ) -> None:
+        self.names = OutputChannels.for_image(image_channel)
+        self.forward_image = forward_image
+        self.counters = SenderCounters()
+        self._data = BoundSocket(port, mode, host, queue_size)
+        self._image = (
+            BoundSocket(image_port, mode, host, queue_size)
+            if forward_image and image_port is not None
+            else None
+        )
+        self._writers: dict[str, wire.MessageWriter] = {}
+        self._spectrum_spec: wire.ChannelSpec | None = None
+        self._log = _RateLimitedLog(log)
+
+    @property
+    def port(self) -> int:
+        return self._data.port
+
+    @property
+    def image_port(self) -> int | None:
+        return self._image.port if self._image is not None else None
+
+    def open(self) -> None:
+        self._data.open()
+        if self._image is not None:
+            try:
+                self._image.open()
+            except OSError:
+                self._data.close()
+                raise
+
+    def close(self) -> None:
+        self._data.close()
+        if self._image is not None:
+            self._image.close()
+
+    def __enter__(self) -> ResultSender:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, frame: Frame, result: Any, parameters: dict[str, Any]) -> bool:
+        """Queue the results of one frame; False (and counted) if dropped. Never blocks."""
+        try:
+            parts = self._results_message(frame, result, parameters)
+        except Exception as e:  # a value we cannot encode must not stop the caller
+            return self._dropped("dropped", f"pulse {frame.pulse_id}: cannot encode: {e}")
+        status = self._data.send(parts)
+        if status is not SendStatus.SENT:
+            return self._dropped("dropped", f"pulse {frame.pulse_id}: {status.value}")
+        self.counters.sent += 1
+        self.counters.last_pulse_id = frame.pulse_id
+        self.counters.last_sent_time = time.time()
+        if self._image is not None:
+            self._send_image(frame)
+        return True
+
+    def _dropped(self, counter: str, message: str) -> bool:
+        setattr(self.counters, counter, getattr(self.counters, counter) + 1)
+        self.counters.last_error = message
+        self._log(counter, f"output stream: {message}")
+        return False
+
+    def _send_image(self, frame: Frame) -> None:
+        assert self._image is not None
+        spec = wire.ChannelSpec.for_array(self.names.image, frame.image)
+        writer = self._writer("image", (spec,))
+        value = wire.encode_value(spec, frame.image)
+        parts = writer.encode(frame.pulse_id, frame.timestamp, [value])
+        status = self._image.send(parts)
+        if status is SendStatus.SENT:
+            self.counters.image_sent += 1
+        else:
+            self._dropped("image_dropped", f"pulse {frame.pulse_id}: image {status.value}")
+
+    def _writer(self, key: str, specs: tuple[wire.ChannelSpec, ...]) -> wire.MessageWriter:
+        writer = self._writers.get(key)
+        if writer is None or writer.channels != specs:
+            writer = self._writers[key] = wire.MessageWriter(specs)
+        return writer
+
+    def _results_message(self, frame: Frame, result: Any, parameters: dict[str, Any]) -> list:
+        names = self.names
+        spectrum = getattr(result, "spectrum", None) if result is not None else None
+        if spectrum is not None:
+            spectrum = np.asarray(spectrum)
+            self._spectrum_spec = wire.ChannelSpec.for_array(names.spectrum, spectrum)
+        elif self._spectrum_spec is None:  # no spectrum yet: declare one the width of the image
+            width = frame.image.shape[-1] if frame.image.ndim else 1
+            self._spectrum_spec = wire.ChannelSpec(names.spectrum, "float64", (width,))
+        specs: list[wire.ChannelSpec] = []
+        values: list[Any] = []
+        if self.forward_image and self._image is None:
+            specs.append(wire.ChannelSpec.for_array(names.image, frame.image))
+            values.append(frame.image)
+        specs += [
+            self._spectrum_spec,
+            wire.ChannelSpec(names.center, "float64"),
+            wire.ChannelSpec(names.fwhm, "float64"),
+            wire.ChannelSpec(names.parameters, "string"),
+        ]
+        values += [
+            spectrum,
+            _fit_value(result, "center"),
+            _fit_value(result, "fwhm"),
+            json.dumps(parameters, default=str),
+        ]
+        writer = self._writer("results", tuple(specs))
+        return writer.encode(frame.pulse_id, frame.timestamp, writer.encode_values(values))
+
+
+def _fit_value(result: Any, name: str) -> float | None:
+    """A fit value, or None (sent as missing) when there is no result or no good fit."""
+    if result is None or not getattr(result, "fit_ok", True):
+        return None
+    try:
+        value = float(getattr(result, name))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
