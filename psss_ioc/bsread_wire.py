@@ -192,9 +192,12 @@ def _is_int(value: Any) -> bool:
 
 def parse_main_header(raw: Buffer) -> MainHeader:
     """Parse frame 0. A missing pulse_id is 0 (Java senders omit it); hash is opaque."""
+    text = bytes(raw)
     try:
-        doc = json.loads(bytes(raw))
+        doc = json.loads(text)
     except (ValueError, UnicodeDecodeError):
+        if text.lstrip()[:1] == b"{":  # meant to be a header, but broken (e.g. truncated)
+            raise WireError(BAD_JSON, "main header is not valid JSON") from None
         raise WireError(GARBAGE, f"not a bsread message ({len(raw)}-byte first frame)") from None
     if not isinstance(doc, dict) or not str(doc.get("htype", "")).startswith("bsr_m"):
         raise WireError(GARBAGE, "first frame is JSON but not a bsread main header")

@@ -251,11 +251,18 @@ class CameraSource:
             message = self._source.receive(handler=_collect_parts)
             if message is None:
                 return None
-            frame = self._decode(message.data)
+            try:
+                frame = self.decode(message.data)
+            except Exception as e:  # a bug, not a bad message: never let it stop the caller
+                log.exception("decoding a message failed unexpectedly")
+                frame = self._skip(wire.GARBAGE, f"unexpected decode error: {e!r}")
             if frame is not None or time.monotonic() >= deadline:
                 return frame
 
-    def _decode(self, parts: Sequence[Any]) -> Frame | None:
+    def decode(self, parts: Sequence[Any]) -> Frame | None:
+        """One message's frames -> Frame, or None (skipped and counted). Never raises."""
+        if not parts:
+            return self._skip(wire.GARBAGE, "empty message")
         try:
             main = wire.parse_main_header(parts[0])
         except wire.WireError as e:

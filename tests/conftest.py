@@ -1,0 +1,35 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+# bsread wire fixtures shared by the team (see its README.md), outside the repository.
+BSREAD_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "bsread"
+
+
+@pytest.fixture
+def bsread_fixtures() -> Path:
+    return BSREAD_FIXTURES
+
+
+@pytest.fixture
+def raw_push() -> Iterator[tuple[zmq.Socket, str]]:
+    """A raw pyzmq PUSH socket bound to a free loopback port: (socket, address).
+
+    Sends block until a consumer is connected, at most 5 s.
+    """
+    context = zmq.Context()
+    sock = context.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDTIMEO, 5000)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        yield sock, f"tcp://127.0.0.1:{port}"
+    finally:
+        sock.close(0)
+        context.term()

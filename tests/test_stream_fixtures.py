@@ -1,0 +1,144 @@
+"""Every bsread wire fixture decodes to the values its README documents."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from psss_ioc import bsread_wire as wire
+from psss_ioc.stream import CameraSource
+
+PSI_TIMESTAMP = (1600000000, 500)
+JAVA_CHANNEL_TIMESTAMP = (1517934907, 307000000)
+
+
+def load_parts(directory: Path, name: str) -> list[bytes]:
+    doc = json.loads((directory / name).read_text())
+    return [base64.b64decode(frame) for frame in doc["frames_b64"]]
+
+
+def expected_image() -> np.ndarray:
+    return (np.arange(24).reshape(4, 6) * 1000).astype(np.uint16)
+
+
+@pytest.mark.parametrize("name", ["psi_bsread_plain.json", "psi_bsread_bslz4.json"])
+def test_psi_bsread_fixture_values(bsread_fixtures: Path, name: str) -> None:
+    message = wire.MessageReader().decode(load_parts(bsread_fixtures, name))
+
+    assert message.pulse_id == 1234
+    assert message.timestamp == PSI_TIMESTAMP
+    ch = message.channels
+    assert list(ch) == ["image", "value", "count", "text", "none"]
+    image = ch["image"].value
+    assert isinstance(image, np.ndarray)
+    assert image.dtype == np.uint16 and image.shape == (4, 6)
+    np.testing.assert_array_equal(image, expected_image())
+    assert ch["value"].value.dtype == np.float64 and ch["value"].value.tolist() == [1.5]
+    assert ch["count"].value.dtype == np.int64 and ch["count"].value.tolist() == [7]
+    assert ch["text"].value == "abc"
+    assert ch["none"].value is None and ch["none"].timestamp is None
+    assert {ch[n].timestamp for n in ("image", "value", "count", "text")} == {PSI_TIMESTAMP}
+
+
+def test_java_style_fixture_values(bsread_fixtures: Path) -> None:
+    parts = load_parts(bsread_fixtures, "java_style_no_pulse_id.json")
+    main = json.loads(parts[0])
+    assert "pulse_id" not in main
+    assert len(main["hash"]) == 30 and main["hash"] != hashlib.md5(parts[1]).hexdigest()
+
+    message = wire.MessageReader().decode(parts)
+
+    assert message.pulse_id == 0
+    data = message.channels["data"]
+    assert data.value.dtype == np.float64
+    np.testing.assert_array_equal(data.value, np.arange(10.0))
+    assert data.timestamp == JAVA_CHANNEL_TIMESTAMP
+
+
+def test_java_dispatcher_compressed_data_header(bsread_fixtures: Path) -> None:
+    meta = json.loads((bsread_fixtures / "java_dispatcher_data_header_bslz4.json").read_text())
+    raw = (bsread_fixtures / meta["data_header_file"]).read_bytes()
+    main = wire.parse_main_header(json.dumps(meta["main_header"]).encode())
+    assert main.pulse_id == 147196131823 and main.dh_compression == wire.BSLZ4
+    assert main.hash == hashlib.md5(raw).hexdigest()
+
+    text = wire.decode_value(wire.ChannelSpec("dh", "string", compression=wire.BSLZ4), raw)
+    assert isinstance(text, str) and len(text) == meta["uncompressed_length"] == 1083
+
+    header = wire.DataHeader.parse(raw, main.dh_compression)
+    assert len(header.channels) == meta["n_channels"] == 23
+    by_name = {c.name: c for c in header.channels}
+    # Absent fields take the defaults: float64, little endian, no compression.
+    assert by_name["Float64Scalar"].type == "float64"
+    assert by_name["Float64Waveform"].shape == (2048,)
+    assert {c.encoding for c in header.channels} == {"little"}
+    assert {c.compression for c in header.channels} == {None}
+    assert by_name["UInt16Waveform"].dtype == np.dtype("<u2")
+
+
+def _send_and_receive(raw_push: tuple[zmq.Socket, str], parts: list[bytes], channel: str
+                      ) -> tuple[CameraSource, object]:
+    sock, address = raw_push
+    with CameraSource(address, image_channel=channel, receive_timeout=5.0) as source:
+        sock.send_multipart(parts)
+        return source, source.receive()
+
+
+@pytest.mark.parametrize("name", ["psi_bsread_plain.json", "psi_bsread_bslz4.json"])
+def test_camera_source_decodes_psi_fixtures(
+    bsread_fixtures: Path, raw_push: tuple[zmq.Socket, str], name: str
+) -> None:
+    source, frame = _send_and_receive(raw_push, load_parts(bsread_fixtures, name), "image")
+
+    assert frame is not None
+    assert frame.pulse_id == 1234 and frame.timestamp == PSI_TIMESTAMP
+    np.testing.assert_array_equal(frame.image, expected_image())
+    assert frame.image.dtype == np.uint16
+    assert source.counters.received == 1 and source.counters.skipped == 0
+
+
+def test_camera_source_decodes_java_fixture(
+    bsread_fixtures: Path, raw_push: tuple[zmq.Socket, str]
+) -> None:
+    parts = load_parts(bsread_fixtures, "java_style_no_pulse_id.json")
+    _, frame = _send_and_receive(raw_push, parts, "data")
+
+    assert frame is not None and frame.pulse_id == 0
+    assert frame.timestamp == (1946920, 787198131)  # the global timestamp of the main header
+    np.testing.assert_array_equal(frame.image, np.arange(10.0))
+
+
+def _dispatcher_value(spec: wire.ChannelSpec) -> object:
+    if spec.type == "string":
+        return "hello"
+    count = spec.shape[0] if spec.shape is not None else 1
+    return (np.arange(count) % 2 if spec.type == "bool" else np.arange(count) % 100).astype(
+        spec.dtype)
+
+
+def test_camera_source_with_dispatcher_header(
+    bsread_fixtures: Path, raw_push: tuple[zmq.Socket, str]
+) -> None:
+    """A message around the Java dispatcher's compressed data header, 23 channels."""
+    meta = json.loads((bsread_fixtures / "java_dispatcher_data_header_bslz4.json").read_text())
+    raw_header = (bsread_fixtures / meta["data_header_file"]).read_bytes()
+    header = wire.DataHeader.parse(raw_header, wire.BSLZ4)
+    stamp = wire.encode_timestamp((1471961318, 233131827))
+    parts = [json.dumps(meta["main_header"]).encode(), raw_header]
+    for spec in header.channels:
+        parts += [bytes(wire.encode_value(spec, _dispatcher_value(spec))), stamp]
+
+    _, frame = _send_and_receive(raw_push, parts, "UInt16Waveform")
+
+    assert frame is not None and frame.pulse_id == 147196131823
+    assert frame.timestamp == (1471961318, 233131827)
+    np.testing.assert_array_equal(frame.image, (np.arange(2048) % 100).astype(np.uint16))
+    everything = wire.MessageReader().decode(parts)
+    assert everything.channels["StringScalar"].value == "hello"
+    assert everything.channels["Float64Scalar"].value.tolist() == [0.0]
