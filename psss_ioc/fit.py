@@ -317,6 +317,52 @@ def _levenberg_marquardt(
 
 
 @njit(cache=True, nogil=True)
+def _start_values(x: np.ndarray, y: np.ndarray, baseline: float, min_spacing: float, p: np.ndarray):  # type: ignore[no-untyped-def]
+    """Start values from the moments of the peak, found on a lightly smoothed copy.
+
+    The boxcar (about n/256 bins) keeps single noisy bins from posing as the peak at low
+    signal-to-noise; the centre and width are the moments of the contiguous region above half
+    maximum around the highest smoothed bin.
+    """
+    n = y.shape[0]
+    half_window = max(n // 512, 0)
+    smooth = np.empty(n)
+    running = 0.0
+    for i in range(min(half_window, n)):
+        running += y[i]
+    for i in range(n):
+        if i + half_window < n:
+            running += y[i + half_window]
+        if i - half_window - 1 >= 0:
+            running -= y[i - half_window - 1]
+        lo = max(i - half_window, 0)
+        hi = min(i + half_window, n - 1)
+        smooth[i] = running / (hi - lo + 1)
+    peak = np.argmax(smooth)
+    height = smooth[peak] - baseline
+    half = baseline + 0.5 * height
+    left = peak
+    while left > 0 and smooth[left - 1] > half:
+        left -= 1
+    right = peak
+    while right < n - 1 and smooth[right + 1] > half:
+        right += 1
+    total = 0.0
+    first = 0.0
+    for i in range(left, right + 1):
+        w = smooth[i] - half
+        total += w
+        first += w * x[i]
+    center = first / total if total > 0.0 else x[peak]
+    # Full width at half maximum of the region, widened by one bin for the sampling.
+    fwhm = abs(x[right] - x[left]) + min_spacing
+    p[0] = height
+    p[1] = center
+    p[2] = max(fwhm / FWHM_PER_SIGMA, min_spacing)
+    p[3] = baseline
+
+
+@njit(cache=True, nogil=True)
 def _analyse(
     x: np.ndarray, y: np.ndarray, fit_enabled: bool, min_snr: float, max_iterations: int
 ) -> tuple[int, float, float, float, float, float, int, float, float]:
@@ -359,23 +405,17 @@ def _analyse(
         if 0.0 < d < min_spacing:
             min_spacing = d
 
-    # Start values from the moments of the part above half maximum.
-    off0 = ymin / y_scale
-    half = 0.5 * (off0 + ymax / y_scale)
+    # A single bin above half maximum is a hot pixel, not a line we can fit.
+    half_raw = 0.5 * (ymin + ymax)
     above_half = 0
     for i in range(n):
-        if ys[i] > half:
+        if y[i] > half_raw:
             above_half += 1
     if above_half < 2:
         return 9, nan, nan, nan, nan, nan, 0, com, rms
-    c0, w0 = _moments(xs, ys, half)
-    p = np.empty(4)
-    p[0] = ymax / y_scale - off0
-    p[1] = c0
-    # For a Gaussian, the weighted rms of its part above half maximum is about 0.41 sigma.
-    p[2] = max(w0 / 0.41, min_spacing)
-    p[3] = off0
 
+    p = np.empty(4)
+    _start_values(xs, ys, baseline / y_scale, min_spacing, p)
     converged, iterations, chi2 = _levenberg_marquardt(xs, ys, p, max_iterations)
     amplitude = p[0] * y_scale
     center = p[1] * x_scale + x0

@@ -137,6 +137,8 @@ class Settings:
 
 
 def _validated_roi(roi: Any) -> tuple[int, int]:
+    if isinstance(roi, str | bytes):
+        raise ValueError(f"ROI must be a pair [ymin, ymax], not {roi!r}")
     try:
         ymin, ymax = roi
     except (TypeError, ValueError):
@@ -162,6 +164,8 @@ def _validated_background(background: Any) -> np.ndarray:
         raise ValueError(f"background must be numeric, got dtype {array.dtype}")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise ValueError("background has NaN or infinite values")
+    if array.dtype == np.float16:  # numba has no float16
+        array = array.astype(np.float32)
     return _frozen_copy(array.astype(array.dtype.newbyteorder("="), copy=False))
 
 
@@ -247,13 +251,13 @@ def _sum_rows_minus_background_int(image, background, ymin, ymax, out):  # type:
 
 @njit(cache=True, nogil=True)
 def _sum_rows_minus_background_float(image, background, ymin, ymax, out):  # type: ignore[no-untyped-def]
-    """out[c] += max(image[r, c] - background[r, c], 0); a NaN difference propagates."""
+    """out[c] += max(image[r, c] - background[r, c], 0) in float64; NaN propagates."""
     width = image.shape[1]
     for r in range(ymin, ymax):
         row = image[r]
         dark = background[r]
         for c in range(width):
-            d = row[c] - dark[c]
+            d = np.float64(row[c]) - np.float64(dark[c])
             out[c] += d if not d <= 0.0 else 0.0
 
 

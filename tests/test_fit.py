@@ -1,0 +1,149 @@
+"""The compiled Gaussian fit against the truth and against scipy's curve_fit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import curve_fit
+
+from psss_ioc.fit import FWHM_PER_SIGMA, FitStatus, fit_spectrum, gaussian
+
+
+def model(x, amplitude, center, sigma, offset):
+    return offset + amplitude * np.exp(-((x - center) ** 2) / (2 * sigma**2))
+
+
+AXES = {
+    "column index": np.arange(2560, dtype=np.float64),
+    "eV increasing": np.linspace(11900.0, 12300.0, 2560),
+    "eV decreasing": np.linspace(12300.0, 11900.0, 2560),
+    "non-uniform": 11900.0 + 400.0 * np.linspace(0.0, 1.0, 2560) ** 1.3,
+}
+
+
+@pytest.mark.parametrize("axis_name", list(AXES))
+@pytest.mark.parametrize("relative_center", [0.2, 0.5, 0.93])
+@pytest.mark.parametrize("relative_width", [0.004, 0.03, 0.12])
+def test_noiseless_lines_are_recovered_to_1e6(axis_name, relative_center, relative_width):
+    x = AXES[axis_name]
+    span = abs(x[-1] - x[0])
+    center = min(x[0], x[-1]) + relative_center * span
+    sigma = relative_width * span
+    y = model(x, 3.0e5, center, sigma, 1200.0)
+    result = fit_spectrum(x, y)
+    assert result.status is FitStatus.OK, result.reason
+    assert result.center == pytest.approx(center, rel=1e-6, abs=1e-6 * span)
+    assert result.fwhm == pytest.approx(FWHM_PER_SIGMA * sigma, rel=1e-6)
+    assert result.amplitude == pytest.approx(3.0e5, rel=1e-6)
+    assert result.offset == pytest.approx(1200.0, rel=1e-5)
+    np.testing.assert_allclose(result.curve, y, rtol=1e-6)
+
+
+@pytest.mark.parametrize("snr", [5, 10, 30, 100, 300, 1000])
+@pytest.mark.parametrize("seed", range(4))
+def test_noisy_lines_agree_with_curve_fit(snr, seed):
+    rng = np.random.default_rng(1000 * snr + seed)
+    x = AXES["eV increasing"]
+    amplitude, center, sigma, offset = 1000.0, rng.uniform(12000, 12200), rng.uniform(4, 30), 80
+    y = model(x, amplitude, center, sigma, offset) + rng.normal(0, amplitude / snr, x.size)
+    ours = fit_spectrum(x, y, min_snr=0.0)
+    p0 = [amplitude, center + 2.0, sigma * 1.1, offset]
+    reference, _ = curve_fit(model, x, y, p0=p0)
+    assert ours.status is FitStatus.OK, ours.reason
+    reference_fwhm = FWHM_PER_SIGMA * abs(reference[2])
+    assert abs(ours.center - reference[1]) <= 0.01 * reference_fwhm
+    assert ours.fwhm == pytest.approx(reference_fwhm, rel=0.01)
+
+
+def test_very_low_and_very_high_counts():
+    x = AXES["column index"]
+    for amplitude in (1e-6, 3.0, 1e12):
+        y = model(x, amplitude, 1234.5, 40.0, 0.1 * amplitude)
+        result = fit_spectrum(x, y)
+        assert result.status is FitStatus.OK, (amplitude, result.reason)
+        assert result.center == pytest.approx(1234.5, rel=1e-8)
+        assert result.fwhm == pytest.approx(40.0 * FWHM_PER_SIGMA, rel=1e-6)
+
+
+def test_line_at_the_edge_of_the_window():
+    x = AXES["column index"]
+    y = model(x, 500.0, 2545.0, 30.0, 10.0)  # half of the line is outside
+    result = fit_spectrum(x, y)
+    assert result.status is FitStatus.OK, result.reason
+    assert result.center == pytest.approx(2545.0, abs=1e-4)
+
+
+def test_line_centred_outside_the_window_is_not_reported_as_a_fit():
+    x = AXES["column index"]
+    y = model(x, 500.0, 2700.0, 60.0, 10.0)
+    result = fit_spectrum(x, y)
+    assert result.status is not FitStatus.OK
+    assert math.isnan(result.center)
+
+
+@pytest.mark.parametrize(
+    ("y", "status", "reason"),
+    [
+        (np.zeros(2560), FitStatus.LOW_SIGNAL, "flat"),
+        (np.full(2560, 77.0), FitStatus.LOW_SIGNAL, "flat"),
+        (np.random.default_rng(2).normal(100, 5, 2560), FitStatus.LOW_SIGNAL, "signal-to-noise"),
+        (np.where(np.arange(2560) == 900, 1e6, 0.0), FitStatus.NOT_CONVERGED, "hot pixel"),
+        (np.where(np.arange(2560) == 900, np.nan, 1.0), FitStatus.INVALID_INPUT, "non-finite"),
+        (np.where(np.arange(2560) == 3, np.inf, 1.0), FitStatus.INVALID_INPUT, "non-finite"),
+        (np.ones(3), FitStatus.INVALID_INPUT, "too few"),
+        (-model(np.arange(2560.0), 500.0, 1e3, 30.0, 0.0), FitStatus.LOW_SIGNAL, "signal-to-noise"),
+    ],
+    ids=["zeros", "flat", "noise", "hot-pixel", "nan", "inf", "short", "dip"],
+)
+def test_failures_get_their_status_and_no_fake_values(y, status, reason):
+    x = np.arange(y.size, dtype=np.float64)
+    result = fit_spectrum(x, y)
+    assert result.status is status
+    assert reason in result.reason
+    assert not result.ok
+    for value in (result.center, result.fwhm, result.amplitude, result.offset, result.sigma):
+        assert math.isnan(value)
+    assert result.curve is None
+
+
+def test_nan_in_axis_and_shape_mismatch_are_invalid_input():
+    y = model(np.arange(100.0), 10.0, 50.0, 5.0, 0.0)
+    axis = np.arange(100.0)
+    axis[10] = np.nan
+    assert fit_spectrum(axis, y).status is FitStatus.INVALID_INPUT
+    assert fit_spectrum(np.arange(99.0), y).status is FitStatus.INVALID_INPUT
+
+
+def test_disabled_fit_keeps_moments():
+    x = np.arange(500.0)
+    result = fit_spectrum(x, model(x, 10.0, 250.0, 20.0, 0.0), enabled=False)
+    assert result.status is FitStatus.DISABLED
+    assert result.com == pytest.approx(250.0, abs=1e-6)
+    assert result.rms == pytest.approx(20.0, rel=0.01)
+
+
+def test_iteration_limit_is_reported_as_not_converged():
+    rng = np.random.default_rng(5)
+    x = np.arange(2560.0)
+    y = model(x, 100.0, 1200.0, 80.0, 0.0) + rng.normal(0, 2, x.size)
+    result = fit_spectrum(x, y, max_iterations=1)
+    assert result.status is FitStatus.NOT_CONVERGED
+    assert "iteration limit" in result.reason
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    v=st.lists(st.floats(-800.0, 0.0), min_size=1, max_size=64),
+)
+def test_vectorised_exp_in_the_model_matches_numpy(v):
+    # gaussian() with sigma = 1/sqrt(2) and center 0 evaluates exp(-x^2): compare to numpy.
+    x = np.sqrt(-np.asarray(v, dtype=np.float64))
+    got = gaussian(x, 1.0, 0.0, 1.0 / math.sqrt(2.0), 0.0)
+    expected = np.exp(-(x**2))
+    tiny = expected < 1e-300  # our exp stops at exp(-700) ~ 1e-304, harmless for fitting
+    np.testing.assert_allclose(got[~tiny], expected[~tiny], rtol=1e-12)
+    assert (got[tiny] < 1e-300).all()

@@ -1,0 +1,311 @@
+"""The spectrum kernel, Settings validation and per-frame checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from psss_ioc.processing import (
+    FitStatus,
+    FrameMismatchError,
+    RunningAverage,
+    Settings,
+    process,
+    spectrum,
+)
+
+INTEGER_DTYPES = [np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.int32, np.int64]
+FLOAT_DTYPES = [np.float16, np.float32, np.float64]
+
+
+def _random_image(rng: np.random.Generator, dtype, shape=(37, 53)) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return rng.uniform(-100, 60000, shape).astype(dtype)
+    info = np.iinfo(dtype)
+    lo, hi = max(info.min, -(2**40)), min(info.max, 2**40)
+    assert dtype.itemsize == 8 or hi == info.max
+    image = rng.integers(lo, hi, shape, dtype=dtype, endpoint=True)
+    # Extremes must be exact too: 0 / min and max pixels (64-bit types accumulate in 64 bits,
+    # so their test pixels stay below 2**40 where a sum cannot overflow).
+    image.flat[:: max(1, image.size // 7)] = hi
+    image.flat[3 :: max(1, image.size // 5)] = 0 if dtype.kind == "u" else lo
+    return image
+
+
+def _reference(image, background, ymin, ymax) -> np.ndarray:
+    """The definition, in exact Python-object / int64 arithmetic."""
+    if image.dtype.kind == "f" or (background is not None and background.dtype.kind == "f"):
+        img = image.astype(np.float64)
+        diff = img if background is None else img - background.astype(np.float64)
+        if background is not None:
+            diff = np.where(diff > 0, diff, 0)
+        return diff[ymin:ymax].astype(np.float64).sum(axis=0)
+    wide = image.astype(object) if image.dtype in (np.uint64, np.int64) else image.astype(np.int64)
+    if background is not None:
+        wide = wide - background.astype(wide.dtype)
+        wide = np.where(wide > 0, wide, 0)
+    return wide[ymin:ymax].sum(axis=0)
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES)
+@pytest.mark.parametrize("with_background", [False, True])
+@pytest.mark.parametrize("roi", [None, (0, 1), (0, 37), (36, 37), (5, 20)])
+def test_integer_spectrum_is_exact(dtype, with_background, roi):
+    rng = np.random.default_rng(abs(hash((np.dtype(dtype).str, with_background, roi))) % 2**32)
+    image = _random_image(rng, dtype)
+    background = _random_image(rng, dtype) // 3 if with_background else None
+    if background is not None and np.dtype(dtype).kind == "i":
+        background = np.abs(background)
+    settings = Settings(roi=roi, background=background)
+    ymin, ymax = roi if roi else (0, image.shape[0])
+    got = spectrum(image, settings)
+    expected = _reference(image, background, ymin, ymax)
+    assert got.dtype.kind in "ui"
+    assert [int(v) for v in got] == [int(v) for v in expected]
+
+
+def test_uint16_full_height_spectrum_uses_uint32_and_is_exact():
+    image = np.full((2160, 64), 65535, dtype=np.uint16)
+    image[::2] = 0
+    got = spectrum(image, Settings())
+    assert got.dtype == np.uint32
+    assert (got == 65535 * 1080).all()
+
+
+def test_uint16_many_rows_widens_past_uint32():
+    image = np.full((70000, 3), 65535, dtype=np.uint16)
+    got = spectrum(image, Settings())
+    assert got.dtype == np.uint64
+    assert (got == 65535 * 70000).all()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("with_background", [False, True])
+def test_float_spectrum_matches_float64_reference(dtype, with_background):
+    rng = np.random.default_rng(7)
+    image = _random_image(rng, dtype)
+    background = (_random_image(rng, dtype) / 2).astype(dtype) if with_background else None
+    got = spectrum(image, Settings(roi=(2, 30), background=background))
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, _reference(image, background, 2, 30), rtol=1e-12)
+
+
+def test_integer_image_with_float_background_gives_float_spectrum():
+    image = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    background = np.full((3, 4), 2.5)
+    got = spectrum(image, Settings(background=background))
+    np.testing.assert_allclose(got, np.clip(image - 2.5, 0, None).sum(axis=0))
+
+
+def test_non_contiguous_and_big_endian_images():
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 65535, (40, 60), dtype=np.uint16)
+    background = rng.integers(0, 2000, (20, 30), dtype=np.uint16)
+    strided = base[::2, ::2]
+    assert not strided.flags.c_contiguous
+    expected = _reference(np.ascontiguousarray(strided), background, 0, 20)
+    assert list(spectrum(strided, Settings(background=background))) == list(expected)
+    big_endian = np.ascontiguousarray(strided).astype(">u2")
+    assert list(spectrum(big_endian, Settings(background=background))) == list(expected)
+    fortran = np.asfortranarray(strided)
+    assert list(spectrum(fortran, Settings(background=background))) == list(expected)
+
+
+def test_nan_pixel_propagates_and_fit_reports_invalid_input():
+    image = np.ones((10, 20))
+    image[4, 7] = np.nan
+    result = process(image, Settings())
+    assert np.isnan(result.spectrum[7])
+    assert np.isfinite(np.delete(result.spectrum, 7)).all()
+    assert result.fit_status is FitStatus.INVALID_INPUT
+    assert "non-finite" in result.fit_reason
+    assert np.isnan(result.center) and np.isnan(result.fwhm)
+
+
+# --- Settings validation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"roi": (5, 5)}, "less than ymax"),
+        ({"roi": (9, 3)}, "less than ymax"),
+        ({"roi": (-1, 3)}, "negative"),
+        ({"roi": (1.5, 3)}, "whole number"),
+        ({"roi": (True, 3)}, "whole number"),
+        ({"roi": (1, 2, 3)}, "pair"),
+        ({"roi": "12"}, "pair"),
+        ({"background": np.zeros(5)}, "2-D"),
+        ({"background": np.zeros((2, 2, 2))}, "2-D"),
+        ({"background": np.zeros((0, 4))}, "empty"),
+        ({"background": np.array([["a", "b"]])}, "numeric"),
+        ({"background": np.array([[np.nan, 1.0]])}, "NaN"),
+        ({"axis": [1.0, 2.0, 2.0, 3.0]}, "strictly"),
+        ({"axis": [1.0, 3.0, 2.0]}, "strictly"),
+        ({"axis": [1.0, np.nan, 3.0]}, "NaN"),
+        ({"axis": [[1.0, 2.0]]}, "1-D"),
+        ({"axis": [1.0]}, "at least 2"),
+        ({"axis": ["a", "b"]}, "numbers"),
+        ({"min_snr": -1.0}, "negative"),
+        ({"min_snr": float("nan")}, "finite"),
+        ({"fit_enabled": "yes"}, "true or false"),
+        ({"max_iterations": 0}, "max_iterations"),
+    ],
+)
+def test_bad_settings_raise_readable_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Settings(**kwargs)
+
+
+def test_settings_are_immutable_and_copy_their_arrays():
+    axis = np.linspace(1.0, 2.0, 4)
+    background = np.zeros((2, 4), dtype=np.uint16)
+    settings = Settings(axis=axis, background=background)
+    axis[0] = 100.0
+    background[0, 0] = 7
+    assert settings.axis is not None and settings.axis[0] == 1.0
+    assert settings.background is not None and settings.background[0, 0] == 0
+    with pytest.raises(AttributeError):
+        settings.roi = (1, 2)  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        settings.axis[1] = 5.0
+
+
+def test_describe_is_the_legacy_processing_parameters():
+    assert Settings(roi=(100, 200), background_name="bg.h5").describe() == {
+        "background": "bg.h5",
+        "roi": [100, 200],
+    }
+
+
+@pytest.mark.parametrize(
+    ("settings", "kind"),
+    [
+        (Settings(roi=(5, 11)), "roi"),
+        (Settings(background=np.zeros((10, 19))), "background_shape"),
+        (Settings(axis=np.arange(19.0)), "axis_length"),
+    ],
+)
+def test_per_frame_mismatches_raise_typed_errors(settings, kind):
+    image = np.ones((10, 20), dtype=np.uint16)
+    with pytest.raises(FrameMismatchError) as caught:
+        process(image, settings)
+    assert caught.value.kind == kind
+    assert str(caught.value)
+
+
+@pytest.mark.parametrize("image", [np.ones(5), np.ones((0, 4)), np.array([["x"]]), [[1, 2]]])
+def test_bad_images_raise_typed_errors(image):
+    with pytest.raises(FrameMismatchError) as caught:
+        process(image, Settings())
+    assert caught.value.kind == "image"
+
+
+# --- process() end to end ---------------------------------------------------------------
+
+
+def _line_image(center: float, sigma: float, height=32, width=400, rows=(8, 20), amplitude=500):
+    x = np.arange(width, dtype=np.float64)
+    profile = amplitude * np.exp(-((x - center) ** 2) / (2 * sigma**2))
+    image = np.full((height, width), 100.0)
+    image[rows[0] : rows[1]] += profile
+    return image
+
+
+def test_process_finds_the_line_with_background_and_axis():
+    image = _line_image(center=180.0, sigma=12.0)
+    background = np.full(image.shape, 100.0)
+    axis = np.linspace(9000.0, 9399.0, 400)  # 1 eV per column
+    result = process(image, Settings(roi=(8, 20), background=background, axis=axis))
+    assert result.fit_status is FitStatus.OK, result.fit_reason
+    assert result.center == pytest.approx(9180.0, rel=1e-9)
+    assert result.fwhm == pytest.approx(12.0 * 2.354820045, rel=1e-6)
+    assert result.amplitude == pytest.approx(12 * 500, rel=1e-6)
+    assert result.offset == pytest.approx(0.0, abs=1e-6)
+    assert result.com == pytest.approx(9180.0, abs=0.5)
+    assert result.roi == (8, 20)
+    assert result.fit_curve is not None and result.fit_curve.shape == (400,)
+    assert result.axis is axis or np.array_equal(result.axis, axis)
+
+
+def test_roi_outside_the_signal_rows_gives_low_signal_not_a_fake_fit():
+    image = _line_image(center=180.0, sigma=12.0)
+    result = process(image, Settings(roi=(25, 30)))
+    assert result.fit_status is FitStatus.LOW_SIGNAL
+    assert np.isnan(result.center)
+
+
+def test_fit_disabled_still_gives_spectrum_and_moments():
+    result = process(_line_image(180.0, 12.0), Settings(fit_enabled=False))
+    assert result.fit_status is FitStatus.DISABLED
+    assert np.isnan(result.center)
+    assert result.com == pytest.approx(180.0, abs=0.5)
+
+
+# --- property tests ----------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    center=st.floats(60.0, 300.0),
+    sigma=st.floats(3.0, 25.0),
+    shift=st.integers(-40, 40),
+)
+def test_shifting_the_line_shifts_the_centre(center, sigma, shift):
+    a = process(_line_image(center, sigma), Settings(roi=(8, 20)))
+    b = process(_line_image(center + shift, sigma), Settings(roi=(8, 20)))
+    assert a.fit_ok and b.fit_ok
+    assert b.center - a.center == pytest.approx(shift, abs=1e-6)
+    assert b.fwhm == pytest.approx(a.fwhm, rel=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(center=st.floats(60.0, 300.0), sigma=st.floats(3.0, 25.0), scale=st.floats(1e-3, 1e4))
+def test_scaling_counts_leaves_centre_and_fwhm(center, sigma, scale):
+    image = _line_image(center, sigma)
+    a = process(image, Settings(roi=(8, 20)))
+    b = process(image * scale, Settings(roi=(8, 20)))
+    assert a.fit_ok and b.fit_ok
+    assert b.center == pytest.approx(a.center, rel=1e-9)
+    assert b.fwhm == pytest.approx(a.fwhm, rel=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(row=st.integers(0, 15), seed=st.integers(0, 2**32 - 1))
+def test_roi_of_one_row_equals_that_row(row, seed):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 65535, (16, 50), dtype=np.uint16)
+    background = rng.integers(0, 65535, (16, 50), dtype=np.uint16)
+    got = spectrum(image, Settings(roi=(row, row + 1), background=background))
+    expected = np.clip(image[row].astype(np.int64) - background[row], 0, None)
+    assert list(got) == list(expected)
+
+
+# --- running average ----------------------------------------------------------------------
+
+
+def test_running_average_is_the_mean_of_the_last_n():
+    average = RunningAverage(3)
+    rng = np.random.default_rng(1)
+    images = [_line_image(150.0 + k, 10.0) + rng.normal(0, 1, (32, 400)) for k in range(5)]
+    results = [process(image.round().astype(np.uint16), Settings()) for image in images]
+    for k, result in enumerate(results):
+        averaged = average.add(result)
+        window = [r.spectrum for r in results[max(0, k - 2) : k + 1]]
+        assert averaged.count == len(window)
+        np.testing.assert_array_equal(averaged.spectrum, np.mean(window, axis=0))
+    assert averaged.fit_status is FitStatus.OK
+    assert averaged.center == pytest.approx(153.0, abs=0.05)
+
+
+def test_running_average_restarts_on_width_change_and_rejects_bad_length():
+    average = RunningAverage(4)
+    average.add(process(np.ones((4, 10), dtype=np.uint16), Settings()))
+    out = average.add(process(np.ones((4, 12), dtype=np.uint16), Settings()))
+    assert out.count == 1 and out.spectrum.shape == (12,)
+    for bad in (0, -3, 1.5, True, 10**6):
+        with pytest.raises(ValueError):
+            RunningAverage(bad)  # type: ignore[arg-type]
