@@ -1,0 +1,25 @@
+"""`psss-ioc bench stream`: a quick smoke run with tiny frames checks its JSON output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from psss_ioc.bench.stream import stream
+
+
+def test_bench_stream_json_smoke() -> None:
+    args = ["--json", "--frames", "5", "--rounds", "1", "--warmup", "2", "--height", "32",
+            "--width", "64"]
+    result = CliRunner().invoke(stream, args)
+
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [row["case"] for row in rows] == ["32x64 uint16 none", "32x64 uint16 bitshuffle_lz4"]
+    for row in rows:
+        assert {"case", "ours_hz", "ceiling_hz", "ratio"} <= set(row)
+        assert row["ours_hz"] > 0 and row["ceiling_hz"] > 0
+        assert row["ratio"] == pytest.approx(row["ours_hz"] / row["ceiling_hz"], abs=2e-3)
+        assert row["frames"] == 5 and row["rounds"] == 1
