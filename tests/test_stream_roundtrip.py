@@ -48,12 +48,12 @@ def prime(send: Callable[[int], object], receive: Callable[[], object]) -> None:
 
 def receive_frames(source: CameraSource, n: int) -> list[Frame]:
     frames: list[Frame] = []
-    for _ in range(50):
+    timeouts = 0
+    while len(frames) < n and timeouts < 10:
         frame = source.receive()
+        timeouts += frame is None
         if frame is not None and frame.pulse_id >= FIRST:
             frames.append(frame)
-        if len(frames) == n:
-            break
     return frames
 
 
@@ -214,12 +214,12 @@ def recv_or_none(sock: zmq.Socket) -> list[bytes] | None:
 def recv_messages(sock: zmq.Socket, n: int) -> list[list[bytes]]:
     """The next n messages of the test (pulse_id >= FIRST), skipping left-over primers."""
     messages: list[list[bytes]] = []
-    for _ in range(50):
+    timeouts = 0
+    while len(messages) < n and timeouts < 10:
         parts = recv_or_none(sock)
+        timeouts += parts is None
         if parts is not None and json.loads(parts[0])["pulse_id"] >= FIRST:
             messages.append(parts)
-        if len(messages) == n:
-            break
     return messages
 
 
@@ -279,8 +279,9 @@ def test_image_on_its_own_port() -> None:
     sender = ResultSender(port=0, image_channel=CHANNEL, host="127.0.0.1", image_port=0)
     with sender, raw_pull(f"tcp://127.0.0.1:{sender.port}") as results, \
             raw_pull(f"tcp://127.0.0.1:{sender.image_port}") as pictures:
-        prime(lambda p: sender.send(Frame(p, (0, 0), image), None, {}),
-              lambda: recv_or_none(results))
+        for sock in (results, pictures):  # both streams must be connected
+            prime(lambda p: sender.send(Frame(p, (0, 0), image), None, {}),
+                  lambda s=sock: recv_or_none(s))
         sender.send(Frame(FIRST, (5, 6), image), fit_result(SPECTRUM), PARAMETERS)
         [message] = recv_messages(results, 1)
         [picture] = recv_messages(pictures, 1)
