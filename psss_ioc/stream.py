@@ -364,6 +364,10 @@ class BoundSocket:
         self._topics: set[bytes] = set()
 
     @property
+    def is_open(self) -> bool:
+        return self._socket is not None
+
+    @property
     def endpoint(self) -> str:
         host = "127.0.0.1" if self.host in ("*", "0.0.0.0") else self.host
         return f"tcp://{host}:{self.port}"
@@ -509,6 +513,8 @@ class ResultSender:
 
     def send(self, frame: Frame, result: Any, parameters: dict[str, Any]) -> bool:
         """Queue the results of one frame; False (and counted) if dropped. Never blocks."""
+        if not self._data.is_open:
+            return self._dropped("dropped", f"pulse {frame.pulse_id}: output stream not open")
         try:
             parts = self._results_message(frame, result, parameters)
         except Exception as e:  # a value we cannot encode must not stop the caller

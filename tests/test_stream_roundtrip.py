@@ -304,6 +304,12 @@ def test_no_consumer_drops_and_counts(mode: str) -> None:
     assert "consumer" in sender.counters.last_error
 
 
+def test_send_on_a_closed_sender_is_a_counted_drop() -> None:
+    sender = ResultSender(port=0, image_channel=CHANNEL, host="127.0.0.1")
+    assert not sender.send(Frame(1, (0, 0), images(np.uint16, 1)[0]), None, {})
+    assert sender.counters.dropped == 1 and "not open" in sender.counters.last_error
+
+
 @pytest.mark.parametrize("mode", ["PUSH", "PUB"])
 def test_full_queue_drops_instead_of_blocking(mode: str) -> None:
     """A consumer that does not read: the sender queues a few messages, then drops."""

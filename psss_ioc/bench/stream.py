@@ -6,6 +6,8 @@ Against that same stream we alternate, `--rounds` times: a bare pyzmq
 `CameraSource.receive()` (psi-bsread's socket handling + our decoding: headers, checks, image
 as a numpy array). Medians of the rounds, ratio = ours / ceiling. Uncompressed and
 bitshuffle_lz4: for the latter the ceiling moves fewer bytes and ours also decompresses.
+``*_cpu_ms`` is the receiving process's CPU time per frame (all its threads, including
+ZeroMQ's I/O thread): the cost of receiving, whatever limits the rate.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ PREFIX = "BENCH-PSSS"
 QUEUE_SIZE = 20  # receive high-water mark, the same for both loops
 
 
-def bare_rate(address: str, frames: int, warmup: int) -> tuple[float, float]:
-    """(frames/s, MB per message) of a bare pyzmq PULL loop."""
+def bare_rate(address: str, frames: int, warmup: int) -> tuple[float, float, float]:
+    """(frames/s, CPU ms per frame, MB per message) of a bare pyzmq PULL loop."""
     context = zmq.Context()
     sock = context.socket(zmq.PULL)
     sock.set_hwm(QUEUE_SIZE)
@@ -38,20 +40,20 @@ def bare_rate(address: str, frames: int, warmup: int) -> tuple[float, float]:
         for _ in range(warmup):
             sock.recv_multipart(copy=False)
         nbytes = 0
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(frames):
             parts = sock.recv_multipart(copy=False)
             nbytes += sum(len(p) for p in parts)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         sock.close(0)
         context.term()
-    return frames / elapsed, nbytes / frames / 1e6
+    return frames / elapsed, cpu / frames * 1e3, nbytes / frames / 1e6
 
 
 def ours_rate(address: str, frames: int, warmup: int, profile: cProfile.Profile | None = None
-              ) -> float:
-    """frames/s of CameraSource.receive() on the same stream."""
+              ) -> tuple[float, float]:
+    """(frames/s, CPU ms per frame) of CameraSource.receive() on the same stream."""
     with CameraSource(address, "PULL", image_channel_for(PREFIX), receive_timeout=30.0,
                       queue_size=QUEUE_SIZE) as source:
         for _ in range(warmup):
@@ -59,38 +61,40 @@ def ours_rate(address: str, frames: int, warmup: int, profile: cProfile.Profile 
                 raise RuntimeError("no frame from the simulator")
         if profile is not None:
             profile.enable()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(frames):
             if source.receive() is None:
                 raise RuntimeError("no frame from the simulator")
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         if profile is not None:
             profile.disable()
         if source.counters.skipped:
             raise RuntimeError(f"frames skipped: {source.counters.last_error}")
-    return frames / elapsed
+    return frames / elapsed, cpu / frames * 1e3
 
 
 def run_case(height: int, width: int, compression: str, frames: int, rounds: int, warmup: int,
              profile: bool) -> dict[str, object]:
     args = ["--rate", "0", "--height", str(height), "--width", str(width), "--compression",
             compression, "--pool", "8", "--seed", "1", "--prefix", PREFIX]
-    ceiling: list[float] = []
-    ours: list[float] = []
+    ceiling: list[tuple[float, float]] = []
+    ours: list[tuple[float, float]] = []
     wire_mb = 0.0
     with SimulatorProcess(args) as sim:
         for _ in range(rounds):
-            rate, wire_mb = bare_rate(sim.address, frames, warmup)
-            ceiling.append(rate)
+            hz, cpu_ms, wire_mb = bare_rate(sim.address, frames, warmup)
+            ceiling.append((hz, cpu_ms))
             ours.append(ours_rate(sim.address, frames, warmup))
         if profile:
             _profile(sim.address, frames, warmup, compression)
-    ours_hz, ceiling_hz = median(ours), median(ceiling)
+    ours_hz, ceiling_hz = median([m[0] for m in ours]), median([m[0] for m in ceiling])
     return {
         "case": f"{height}x{width} uint16 {compression}",
         "ours_hz": round(ours_hz, 1),
         "ceiling_hz": round(ceiling_hz, 1),
         "ratio": round(ours_hz / ceiling_hz, 3),
+        "ours_cpu_ms": round(median([m[1] for m in ours]), 3),
+        "ceiling_cpu_ms": round(median([m[1] for m in ceiling]), 3),
         "wire_mb": round(wire_mb, 3),
         "frames": frames,
         "rounds": rounds,
