@@ -170,12 +170,11 @@ class SimStats:
         return (self.sent - 1) / max(self.last_time - self.first_time, 1e-9)
 
     def summary(self, requested: float) -> str:
+        if self.sent < 2 or self.first_time is None or self.last_time is None:
+            return f"sent {self.sent} frames, dropped {self.dropped}"
         wanted = f"requested {requested:g} Hz" if requested > 0 else "unthrottled"
-        elapsed = 0.0
-        if self.first_time is not None and self.last_time is not None:
-            elapsed = self.last_time - self.first_time
-        return (f"sent {self.sent} frames in {elapsed:.2f} s: {self.rate:.1f} Hz ({wanted}), "
-                f"dropped {self.dropped}")
+        return (f"sent {self.sent} frames in {self.last_time - self.first_time:.2f} s: "
+                f"{self.rate:.1f} Hz ({wanted}), dropped {self.dropped}")
 
 
 @dataclass
@@ -357,8 +356,13 @@ def _progress_printer(requested: float) -> Callable[[SimStats], None] | None:
     if not sys.stderr.isatty():
         return None
 
+    last = [time.monotonic(), 0]
+
     def show(stats: SimStats) -> None:
-        sys.stderr.write(f"\r{stats.summary(requested)}   ")
+        now = time.monotonic()
+        recent = (stats.sent - last[1]) / max(now - last[0], 1e-9)
+        last[:] = [now, stats.sent]
+        sys.stderr.write(f"\r{stats.summary(requested)}; now {recent:.1f} Hz   ")
         sys.stderr.flush()
 
     return show

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import zmq
 
+from psss_ioc import bsread_wire as wire
 from psss_ioc.stream import CameraSource, Frame, OutputChannels, ResultSender
 
 CHANNEL = "TEST-CAM:FPICTURE"
@@ -352,3 +353,33 @@ def test_pub_notices_when_the_subscriber_leaves() -> None:
             time.sleep(0.01)
 
     assert sender.counters.last_error.endswith("no consumer connected")
+
+
+@pytest.mark.parametrize("compression", [None, "bitshuffle_lz4"])
+def test_our_encoder_is_read_by_psi_bsread(raw_push: tuple[zmq.Socket, str],
+                                           compression: str | None) -> None:
+    """MessageWriter output (simulator, ResultSender) checked against psi-bsread's decoder."""
+    sock, address = raw_push
+    image = images(np.uint16, 1)[0]
+    big = np.arange(6, dtype=">i4")
+    specs = [wire.ChannelSpec.for_array("IMG", image, compression),
+             wire.ChannelSpec.for_array("BIG", big, compression),
+             wire.ChannelSpec("TEXT", "string", compression=compression),
+             wire.ChannelSpec("NONE", "float64")]
+    writer = wire.MessageWriter(specs, dh_compression=compression)
+    parts = writer.encode(77, (1700000000, 9), writer.encode_values([image, big, "h\u00e9", None]))
+    host, port = address.rsplit(":", 1)
+    with bsread.Source(host=host.removeprefix("tcp://"), port=int(port), receive_timeout=5000
+                       ) as source:
+        sock.send_multipart(parts, copy=False)
+        message = source.receive().data
+
+    assert message.pulse_id == 77
+    assert (message.global_timestamp, message.global_timestamp_offset) == (1700000000, 9)
+    data = message.data
+    np.testing.assert_array_equal(data["IMG"].value, image)
+    assert data["IMG"].value.dtype == np.uint16
+    np.testing.assert_array_equal(data["BIG"].value, big)
+    assert data["TEXT"].value == "h\u00e9" and data["NONE"].value is None
+    assert (data["IMG"].timestamp, data["IMG"].timestamp_offset) == (1700000000, 9)
+    assert (data["BIG"].timestamp, data["BIG"].timestamp_offset) == (1700000000, 9)
