@@ -30,6 +30,13 @@ from psss_ioc import bsread_wire as wire
 
 log = logging.getLogger(__name__)
 
+# mflow attaches a StreamHandler of its own at import, so once the application configures
+# logging every mflow line is printed twice: let its records reach the application's handlers.
+_mflow_log = logging.getLogger("mflow.mflow")
+for _handler in list(_mflow_log.handlers):
+    if type(_handler) is logging.StreamHandler:
+        _mflow_log.removeHandler(_handler)
+
 DEFAULT_PREFIX = "SARFE10-PSSS059"
 IMAGE_SUFFIX = ":FPICTURE"
 DEFAULT_IMAGE_CHANNEL = DEFAULT_PREFIX + IMAGE_SUFFIX

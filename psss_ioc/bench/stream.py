@@ -111,9 +111,9 @@ def _profile(address: str, frames: int, warmup: int, compression: str) -> None:
 
 @click.command("stream")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per case.")
-@click.option("--frames", type=int, default=1000, show_default=True,
+@click.option("--frames", type=int, default=400, show_default=True,
               help="Frames timed per measurement.")
-@click.option("--rounds", type=int, default=2, show_default=True,
+@click.option("--rounds", type=int, default=3, show_default=True,
               help="Alternating ceiling/ours measurements per case (median reported).")
 @click.option("--warmup", type=int, default=20, show_default=True)
 @click.option("--height", type=int, default=2016, show_default=True)
