@@ -13,7 +13,8 @@ pedestal, dataset ``/image``, same dtype and shape as the frames.
 
 Streaming (`Simulator`): frames are generated once into a pool and pre-encoded, so sending
 costs a small JSON header per frame; the rate is held on an absolute schedule (no drift) and
-a stall longer than a few periods re-anchors the schedule instead of bursting.
+a stall longer than 0.25 s (or 5 periods) re-anchors the schedule instead of bursting; shorter
+ones are caught up.
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ class Simulator:
     def _wait_for_slot(next_time: float | None, period: float, stop: threading.Event) -> float:
         """Sleep until the next slot of the schedule; returns the slot after it."""
         now = time.monotonic()
-        if next_time is None or now - next_time > max(0.1, 5 * period):
+        if next_time is None or now - next_time > max(0.25, 5 * period):
             return now + period  # first frame, or stalled: re-anchor rather than burst
         if next_time > now:
             stop.wait(next_time - now)

@@ -149,9 +149,9 @@ def test_rate_is_held(tmp_path: Path) -> None:
     assert len(frames) == 150
     seconds = [f.timestamp[0] + f.timestamp[1] * 1e-9 for f in frames]
     rate = (len(frames) - 1) / (seconds[-1] - seconds[0])
-    assert rate == pytest.approx(100, rel=0.1)
+    assert rate == pytest.approx(100, rel=0.15)
     reported = float(re.search(r"sent 150 frames in [\d.]+ s: ([\d.]+) Hz", output).group(1))
-    assert reported == pytest.approx(100, rel=0.1)
+    assert reported == pytest.approx(100, rel=0.15)
 
 
 def test_pub_without_subscriber_drops_until_stopped() -> None:
