@@ -1,0 +1,24 @@
+# psss-ioc boot script. Start the IOC with exactly one command, from the repository top:
+#
+#     psss-ioc run --st-cmd iocBoot/iocpsss/st.cmd
+#
+# psss-ioc runs this file through the EPICS iocsh before iocInit; the records themselves are
+# built from psss_ioc/pvs.py. Options given on the psss-ioc command line win over these values.
+# $(ST_DIR) is the directory of this file.
+
+# Record prefix: records are $(PSSS_PREFIX):<NAME>, iocStats under $(PSSS_PREFIX):IOC:
+epicsEnvSet("PSSS_PREFIX", "SARFE10-PSSS059")
+# Camera image stream (bsread, PULL or SUB) and the output stream port
+epicsEnvSet("PSSS_INPUT_STREAM", "tcp://sf-daqsync-02:9000")
+epicsEnvSet("PSSS_INPUT_MODE", "PULL")
+epicsEnvSet("PSSS_OUTPUT_PORT", "8889")
+# Settings (ROI, axis, background file, ...) survive restarts here
+epicsEnvSet("PSSS_AUTOSAVE_DIR", "/var/lib/psss-ioc/autosave")
+# Channel Access: spectra and axes are waveforms of up to 8192 doubles
+epicsEnvSet("EPICS_CA_MAX_ARRAY_BYTES", "40000000")
+
+# Access security: who may write the settings, who may restart the IOC
+asSetFilename("$(ST_DIR)/psss.acf")
+
+# Extra record databases, if any, go here, e.g.
+# dbLoadRecords("$(ST_DIR)/../../db/extra.db", "P=$(PSSS_PREFIX)")

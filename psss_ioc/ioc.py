@@ -1,0 +1,550 @@
+"""The IOC: records built from the PV table, wired to the pipeline. The only softioc user.
+
+Start-up order (see `run`): boot script through iocsh (epicsEnvSet, asSetFilename, extra db
+loads) -> autosave configured -> records built from `pvs.TABLE` -> LoadDatabase -> iocStats
+under ``<prefix>:IOC`` -> iocInit -> restored settings applied -> optional auto start.
+
+Control flows only through the records: a put runs `validate` (quick checks in the EPICS thread,
+refusing bad values so the record keeps its old one) and then `on_update` (on the asyncio
+dispatcher), which calls the pipeline. Results flow back through `RecordPublisher`, called from
+the pipeline's worker thread, stamping every result record with the frame's own timestamp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from epicscorelibs.ca.dbr import ca_timestamp
+from softioc import alarm, asyncio_dispatcher, autosave, builder, softioc
+
+from psss_ioc import background as bgfile
+from psss_ioc import pvs
+from psss_ioc.ioc_config import (
+    ENV_AUTOSAVE_DIR,
+    ENV_INPUT_MODE,
+    ENV_INPUT_STREAM,
+    ENV_OUTPUT_PORT,
+    ENV_PREFIX,
+    IocConfig,
+)
+from psss_ioc.pipeline import FrameLike, Pipeline, ResultSink, SourceFactory, Statistics
+from psss_ioc.processing import AveragedResult, Result, Settings
+from psss_ioc.pvs import PV, BackgroundState, Kind, SettingState, State
+
+log = logging.getLogger(__name__)
+
+_SEVERITIES = {pvs.NO_ALARM: alarm.NO_ALARM, pvs.MINOR: alarm.MINOR_ALARM,
+               pvs.MAJOR: alarm.MAJOR_ALARM, pvs.INVALID: alarm.INVALID_ALARM}
+
+
+# ---------------------------------------------------------------------------- boot script
+def _libc_getenv(name: str) -> str | None:
+    """Read the C environment (epicsEnvSet writes there, not into os.environ)."""
+    getenv = ctypes.CDLL(None).getenv
+    getenv.restype = ctypes.c_char_p
+    getenv.argtypes = [ctypes.c_char_p]
+    value = getenv(name.encode())
+    return value.decode() if value is not None else None
+
+
+def run_boot_script(path: Path) -> dict[str, str]:
+    """Run an iocsh script (st.cmd) before iocInit; return the PSSS_* variables it set.
+
+    The macro ``ST_DIR`` is the script's directory, so it can name files next to it.
+    """
+    from epicscorelibs.ioc import Com, iocshRegisterCommon
+
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"boot script {path} does not exist")
+    iocshRegisterCommon()
+    iocsh_load = Com.iocshLoad
+    iocsh_load.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    iocsh_load.restype = ctypes.c_int
+    status = iocsh_load(str(path).encode(), f"ST_DIR={path.parent}".encode())
+    if status != 0:
+        raise RuntimeError(f"boot script {path} failed (iocsh status {status})")
+    names = [ENV_PREFIX, ENV_INPUT_STREAM, ENV_INPUT_MODE, ENV_OUTPUT_PORT, ENV_AUTOSAVE_DIR,
+             "EPICS_CA_MAX_ARRAY_BYTES"]
+    found = {n: v for n in names if (v := _libc_getenv(n)) is not None}
+    if "EPICS_CA_MAX_ARRAY_BYTES" in found:
+        os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = found["EPICS_CA_MAX_ARRAY_BYTES"]
+    return found
+
+
+def set_access_security_file(path: Path) -> None:
+    from epicscorelibs.ioc import dbCore
+
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"access security file {path} does not exist")
+    fn = dbCore.asSetFilename
+    fn.argtypes = [ctypes.c_char_p]
+    fn.restype = ctypes.c_int
+    if fn(str(path).encode()) != 0:
+        raise RuntimeError(f"asSetFilename({path}) failed")
+
+
+# ---------------------------------------------------------------------------- records
+def _timestamp(frame: FrameLike) -> ca_timestamp:
+    sec, ns = frame.timestamp
+    t = ca_timestamp()
+    t.secs = int(sec)
+    t.nsec = int(ns)
+    return t
+
+
+def build_record(pv: PV, prefix: str, **callbacks: Any) -> Any:
+    """One softioc record from one PV table entry."""
+    fields: dict[str, Any] = {"DESC": pv.desc}
+    if pv.egu:
+        fields["EGU"] = pv.egu
+    if pv.prec is not None and pv.kind in (Kind.AI, Kind.AO, Kind.WAVEFORM_IN, Kind.WAVEFORM_OUT):
+        fields["PREC"] = pv.prec
+    if pv.initial is not None:
+        fields["initial_value"] = pv.initial
+    if pv.autosave:
+        fields["autosave"] = True
+    if pv.timestamped:
+        fields["TSE"] = -2
+    if pv.writable:
+        fields["ASG"] = pvs.SETTINGS_ASG
+        fields.update(callbacks)
+    kind = pv.kind
+    if kind in (Kind.AI,):
+        fields["MDEL"] = -1
+        fields["ADEL"] = -1
+        if pv.low is not None:
+            fields["LOPR"] = pv.low
+        if pv.high is not None:
+            fields["HOPR"] = pv.high
+    if kind in (Kind.AO, Kind.LONG_OUT):
+        if pv.low is not None:
+            fields["DRVL"] = pv.low
+        if pv.high is not None:
+            fields["DRVH"] = pv.high
+    if kind in (Kind.MBB_IN, Kind.MBB_OUT):
+        options = [(label, _SEVERITIES[sev]) for label, sev in pv.options]
+        maker = builder.mbbIn if kind == Kind.MBB_IN else builder.mbbOut
+        return maker(pv.name, *options, **fields)
+    if kind == Kind.BOOL_OUT:
+        (znam, _), (onam, _) = pv.options
+        return builder.boolOut(pv.name, ZNAM=znam, ONAM=onam, **fields)
+    if kind in (Kind.WAVEFORM_IN, Kind.WAVEFORM_OUT):
+        fields.pop("initial_value", None)
+        maker = builder.WaveformIn if kind == Kind.WAVEFORM_IN else builder.WaveformOut
+        return maker(pv.name, length=pv.nelm, datatype=np.dtype(pv.dtype), **fields)
+    if kind in (Kind.LONG_STRING_IN, Kind.LONG_STRING_OUT):
+        fields["length"] = pv.nelm
+        maker = builder.longStringIn if kind == Kind.LONG_STRING_IN else builder.longStringOut
+        return maker(pv.name, **fields)
+    if kind == Kind.ACTION:
+        fields.pop("initial_value", None)
+        return builder.Action(pv.name, ZNAM="", ONAM="Go", **fields)
+    return getattr(builder, kind.value)(pv.name, **fields)
+
+
+def add_pva_group(records: dict[str, Any], prefix: str) -> None:
+    """One PVA group: spectrum, centre, FWHM, pulse id, ... read as one atomic snapshot."""
+    group = pvs.full_name(prefix, pvs.PVA_GROUP)
+    for pv in pvs.TABLE:
+        if pv.group_field is None:
+            continue
+        spec: dict[str, Any] = {"+channel": "VAL", "+trigger": "*" if pv.group_trigger else ""}
+        records[pv.name].add_info("Q:group", {group: {pv.group_field: spec}})
+
+
+def _clip_message(text: str) -> str:
+    data = text.encode(errors="replace")
+    limit = pvs.MESSAGE_LENGTH - 1
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "..."
+
+
+class RecordPublisher:
+    """The pipeline's Publisher: writes results, state and statistics into the records."""
+
+    def __init__(self, records: dict[str, Any]) -> None:
+        self.r = records
+        self._axis: np.ndarray | None = None
+        self._roi_rbv: tuple[int, int] | None = None
+
+    def _set(self, pv: PV, value: Any, **kw: Any) -> None:
+        self.r[pv.name].set(value, **kw)
+
+    def message(self, text: str, error: bool = False) -> None:
+        severity = alarm.MINOR_ALARM if error else alarm.NO_ALARM
+        self._set(pvs.MESSAGE, _clip_message(text), severity=severity,
+                  alarm=alarm.STATE_ALARM if error else alarm.NO_ALARM)
+
+    def publish_result(
+        self, frame: FrameLike, result: Result, average: AveragedResult | None
+    ) -> None:
+        t = _timestamp(frame)
+        width = result.spectrum.shape[0]
+        if width > pvs.MAX_WIDTH:
+            raise ValueError(f"spectrum of {width} points exceeds the waveform length")
+        if result.axis is not self._axis:
+            self._axis = result.axis
+            self._set(pvs.SPECTRUM_AXIS, result.axis, timestamp=t)
+        if result.roi != self._roi_rbv:
+            self._roi_rbv = result.roi
+            self._set(pvs.ROI_YMIN_RBV, result.roi[0])
+            self._set(pvs.ROI_YMAX_RBV, result.roi[1])
+        self._set(pvs.SPECTRUM_CENTER, result.center, timestamp=t)
+        self._set(pvs.SPECTRUM_FWHM, result.fwhm, timestamp=t)
+        self._set(pvs.SPECTRUM_AMPLITUDE, result.amplitude, timestamp=t)
+        self._set(pvs.SPECTRUM_OFFSET, result.offset, timestamp=t)
+        self._set(pvs.SPECTRUM_COM, result.com, timestamp=t)
+        self._set(pvs.SPECTRUM_STD, result.rms, timestamp=t)
+        self._set(pvs.FIT_CHI2, result.chi2_reduced, timestamp=t)
+        curve = result.fit_curve
+        self._set(pvs.SPECTRUM_FIT, curve if curve is not None else np.zeros(0), timestamp=t)
+        self._set(pvs.FIT_STATUS, int(result.fit_status), timestamp=t)
+        self._set(pvs.PULSE_ID, int(frame.pulse_id), timestamp=t)
+        if average is not None:
+            self._set(pvs.SPECTRUM_AVG_Y, average.spectrum, timestamp=t)
+            self._set(pvs.SPECTRUM_AVG_CENTER, average.center, timestamp=t)
+            self._set(pvs.SPECTRUM_AVG_FWHM, average.fwhm, timestamp=t)
+        # last: SPECTRUM_Y triggers the PVA group snapshot
+        self._set(pvs.SPECTRUM_Y, result.spectrum, timestamp=t)
+
+    def publish_state(self, state: State, message: str) -> None:
+        self._set(pvs.STATUS, int(state))
+        if message:
+            self.message(message, error=state == State.ERROR)
+
+    def publish_statistics(self, stats: Statistics) -> None:
+        self._set(pvs.RATE, float(stats.rate_hz))
+        self._set(pvs.N_PROCESSED, stats.n_processed)
+        self._set(pvs.N_LOST, stats.n_lost)
+        self._set(pvs.N_ERRORS, stats.n_errors)
+        self._set(pvs.N_OUT_DROPPED, stats.n_out_dropped)
+        self._set(pvs.PROC_TIME, float(stats.proc_time_ms))
+
+    def publish_image_shape(self, height: int, width: int) -> None:
+        self._set(pvs.IMAGE_HEIGHT, height)
+        self._set(pvs.IMAGE_WIDTH, width)
+
+    def publish_rejected(self, kind: str, message: str, in_force: Settings) -> None:
+        if kind == "roi":
+            self._set(pvs.ROI_STATUS, int(SettingState.INVALID))
+        elif kind == "background_shape":
+            self._set(pvs.BACKGROUND_STATUS, int(BackgroundState.ERROR))
+        elif kind == "axis_length":
+            self._set(pvs.AXIS_STATUS, int(SettingState.INVALID))
+        self.message(message, error=True)
+
+    def publish_message(self, message: str, error: bool) -> None:
+        self.message(message, error)
+
+
+class PsssIoc:
+    """The records, the pipeline and the callbacks between them."""
+
+    def __init__(
+        self,
+        config: IocConfig,
+        source_factory: SourceFactory | None = None,
+        sender: ResultSink | None = None,
+    ) -> None:
+        self.config = config
+        self.records: dict[str, Any] = {}
+        self.publisher: RecordPublisher | None = None
+        factory = source_factory or default_source_factory(config)
+        self.pipeline = Pipeline(factory, sender=sender,
+                                 source_counters=_source_counters)
+        self.pipeline.set_input(config.input_stream, config.input_mode)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -------------------------------------------------------------- building
+    def build(self) -> None:
+        builder.SetDeviceName(self.config.prefix)
+        cb: dict[str, dict[str, Any]] = {
+            pvs.START.name: {"on_update": self._on_start, "blocking": True},
+            pvs.STOP.name: {"on_update": self._on_stop, "blocking": True},
+            pvs.INPUT_STREAM.name: {"on_update": self._on_input_stream, "blocking": True},
+            pvs.INPUT_MODE.name: {"on_update": self._on_input_mode, "blocking": True},
+            pvs.SPC_ROI_YMIN.name: {"validate": self._validate_roi_ymin,
+                                    "on_update": self._on_roi},
+            pvs.SPC_ROI_YMAX.name: {"validate": self._validate_roi_ymax,
+                                    "on_update": self._on_roi},
+            pvs.SPECTRUM_X.name: {"validate": self._validate_axis, "on_update": self._on_axis},
+            pvs.BACKGROUND_FILE.name: {"on_update": self._on_background, "blocking": True,
+                                       "always_update": True},
+            pvs.AVG_N.name: {"validate": self._validate_avg_n},
+            pvs.FIT_ENABLE.name: {"validate": self._validate_fit_enable},
+            pvs.FIT_MIN_SNR.name: {"validate": self._validate_min_snr},
+        }
+        for pv in pvs.TABLE:
+            self.records[pv.name] = build_record(pv, self.config.prefix, **cb.get(pv.name, {}))
+        add_pva_group(self.records, self.config.prefix)
+        self.records[pvs.INPUT_STREAM.name].set(self.config.input_stream, process=False)
+        self.records[pvs.INPUT_MODE.name].set(
+            int(pvs.InputMode[self.config.input_mode.upper()]), process=False)
+        self.publisher = RecordPublisher(self.records)
+        self.pipeline.publisher = self.publisher
+
+    def rec(self, pv: PV) -> Any:
+        return self.records[pv.name]
+
+    def message(self, text: str, error: bool = False) -> None:
+        log.log(logging.WARNING if error else logging.INFO, "%s", text)
+        if self.publisher is not None:
+            self.publisher.message(text, error)
+
+    # -------------------------------------------------------------- control callbacks
+    async def _on_start(self, value: int) -> None:
+        if not value:
+            return
+        try:
+            self.pipeline.start()
+        except ValueError as e:
+            self.message(f"cannot start: {e}", error=True)
+
+    async def _on_stop(self, value: int) -> None:
+        if not value:
+            return
+        await asyncio.get_running_loop().run_in_executor(None, self.pipeline.stop)
+
+    async def _on_input_stream(self, value: str) -> None:
+        self.pipeline.set_input(value, None)
+        self.message(f"input stream set to {value!r}")
+
+    async def _on_input_mode(self, value: int) -> None:
+        mode = pvs.InputMode(value).name
+        self.pipeline.set_input(self.pipeline.input[0], mode)
+        self.message(f"input mode set to {mode}")
+
+    # -------------------------------------------------------------- settings callbacks
+    @staticmethod
+    def _roi(ymin: int, ymax: int) -> tuple[int, int] | None:
+        return None if (ymin, ymax) == (0, 0) else (int(ymin), int(ymax))
+
+    def _try_configure(self, what: str, **changes: Any) -> bool:
+        try:
+            self.pipeline.configure(**changes)
+        except ValueError as e:
+            self.message(f"{what} refused: {e}", error=True)
+            return False
+        return True
+
+    def _validate_roi_ymin(self, record: Any, value: int) -> bool:
+        ymax = self.rec(pvs.SPC_ROI_YMAX).get()
+        return self._try_configure("ROI", roi=self._roi(value, ymax))
+
+    def _validate_roi_ymax(self, record: Any, value: int) -> bool:
+        ymin = self.rec(pvs.SPC_ROI_YMIN).get()
+        return self._try_configure("ROI", roi=self._roi(ymin, value))
+
+    def _on_roi(self, value: int) -> None:
+        roi = self.pipeline.settings.roi
+        self.rec(pvs.ROI_STATUS).set(int(SettingState.OK))
+        self.message(f"ROI set to {list(roi) if roi else 'whole image'}")
+
+    def _axis_value(self, value: Any) -> np.ndarray | None:
+        axis = np.asarray(value, dtype=np.float64)
+        return None if axis.size == 0 else axis
+
+    def _validate_axis(self, record: Any, value: Any) -> bool:
+        axis = self._axis_value(value)
+        shape = self.pipeline.image_shape
+        if axis is not None and shape is not None and axis.size != shape[1]:
+            self.message(f"SPECTRUM_X refused: {axis.size} values but the image has "
+                         f"{shape[1]} columns", error=True)
+            return False
+        return self._try_configure("SPECTRUM_X", axis=axis)
+
+    def _on_axis(self, value: Any) -> None:
+        self.rec(pvs.AXIS_STATUS).set(int(SettingState.OK))
+        n = np.asarray(value).size
+        self.message(f"energy axis set ({n} values)" if n else "energy axis: column index")
+
+    def _validate_avg_n(self, record: Any, value: int) -> bool:
+        try:
+            self.pipeline.set_average_n(value)
+        except ValueError as e:
+            self.message(f"AVG_N refused: {e}", error=True)
+            return False
+        return True
+
+    def _validate_fit_enable(self, record: Any, value: int) -> bool:
+        return self._try_configure("FIT_ENABLE", fit_enabled=bool(value))
+
+    def _validate_min_snr(self, record: Any, value: float) -> bool:
+        return self._try_configure("FIT_MIN_SNR", min_snr=float(value))
+
+    async def _on_background(self, value: str) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.apply_background, value)
+
+    def apply_background(self, path: str) -> bool:
+        """Load a background file and make it current; on error keep the previous one."""
+        status = self.rec(pvs.BACKGROUND_STATUS)
+        path = path.strip()
+        if not path:
+            self.pipeline.configure(background=None, background_name="")
+            status.set(int(BackgroundState.NONE))
+            self.message("background cleared")
+            return True
+        try:
+            image = bgfile.load(path, shape=self.pipeline.image_shape)
+            self.pipeline.configure(background=image, background_name=path)
+        except ValueError as e:  # BackgroundError is a ValueError, as are Settings errors
+            status.set(int(BackgroundState.ERROR))
+            kept = self.pipeline.settings.background_name or "none"
+            self.message(f"background refused: {e}; keeping {kept}", error=True)
+            return False
+        status.set(int(BackgroundState.LOADED))
+        self.message(f"background loaded from {path} ({image.shape[0]} x {image.shape[1]})")
+        return True
+
+    # -------------------------------------------------------------- start-up
+    def apply_restored_settings(self) -> None:
+        """Autosave restores record values without callbacks: apply them once here."""
+        ymin = self.rec(pvs.SPC_ROI_YMIN).get()
+        ymax = self.rec(pvs.SPC_ROI_YMAX).get()
+        self._try_configure("restored ROI", roi=self._roi(ymin, ymax))
+        self._try_configure("restored SPECTRUM_X",
+                            axis=self._axis_value(self.rec(pvs.SPECTRUM_X).get()))
+        self._try_configure("restored FIT_ENABLE",
+                            fit_enabled=bool(self.rec(pvs.FIT_ENABLE).get()))
+        self._try_configure("restored FIT_MIN_SNR",
+                            min_snr=float(self.rec(pvs.FIT_MIN_SNR).get()))
+        try:
+            self.pipeline.set_average_n(int(self.rec(pvs.AVG_N).get()))
+        except ValueError as e:
+            self.message(f"restored AVG_N refused: {e}", error=True)
+        path = self.rec(pvs.BACKGROUND_FILE).get()
+        if path:
+            self.apply_background(path)
+
+    def follow_external_pvs(self) -> None:
+        """Mirror external ROI/axis PVs (legacy deployment) into the local records."""
+        if not (self.config.roi_pvs or self.config.axis_pv):
+            return
+        import epics  # pyepics, only when asked for
+
+        def mirror(pv: PV) -> Callable[..., None]:
+            def callback(value: Any = None, **_: Any) -> None:
+                if value is None:
+                    return
+                try:
+                    if pv.kind == Kind.WAVEFORM_OUT:
+                        self.rec(pv).set(np.asarray(value, dtype=np.float64))
+                    else:
+                        self.rec(pv).set(int(value))
+                except Exception as e:
+                    self.message(f"following {pv.name} failed: {e}", error=True)
+            return callback
+
+        self._external = []
+        if self.config.roi_pvs:
+            for name, pv in zip(self.config.roi_pvs, (pvs.SPC_ROI_YMIN, pvs.SPC_ROI_YMAX),
+                                strict=True):
+                self._external.append(epics.PV(name, callback=mirror(pv), auto_monitor=True))
+        if self.config.axis_pv:
+            self._external.append(
+                epics.PV(self.config.axis_pv, callback=mirror(pvs.SPECTRUM_X), auto_monitor=True)
+            )
+
+    def lock_sysreset(self) -> None:
+        name = pvs.full_name(self.config.prefix, pvs.IOC_STATS) + ":SYSRESET.ASG"
+        softioc.dbpf(name, pvs.LOCKED_ASG)
+
+
+def _source_counters(source: Any) -> dict[str, int]:
+    """Malformed input counted by the stream (pulse gaps are counted by the pipeline)."""
+    counters = getattr(source, "counters", None)
+    if counters is None:
+        return {}
+    flat = counters.as_dict()
+    return {k: int(v) for k, v in flat.items()
+            if (k.startswith("malformed_") or k in ("missing_channel", "empty_image")) and v}
+
+
+def default_source_factory(config: IocConfig) -> SourceFactory:
+    def factory(address: str, mode: str) -> Any:
+        from psss_ioc.stream import CameraSource
+
+        source = CameraSource(address, mode=mode, image_channel=config.channel,
+                              receive_timeout=config.receive_timeout)
+        return source.connect()
+
+    return factory
+
+
+def make_sender(config: IocConfig) -> Any:
+    if not config.output_port:
+        return None
+    from psss_ioc.stream import ResultSender
+
+    sender = ResultSender(config.output_port, mode=config.output_mode,
+                          image_channel=config.channel, forward_image=config.forward_image,
+                          image_port=config.image_port)
+    sender.open()
+    return sender
+
+
+def apply_boot_environment(config: IocConfig, env: dict[str, str], explicit: set[str]) -> None:
+    """Values from the boot script fill in what the command line did not give explicitly."""
+    if ENV_PREFIX in env and "prefix" not in explicit:
+        config.prefix = env[ENV_PREFIX]
+    if ENV_INPUT_STREAM in env and "input_stream" not in explicit:
+        config.input_stream = env[ENV_INPUT_STREAM]
+    if ENV_INPUT_MODE in env and "input_mode" not in explicit:
+        config.input_mode = env[ENV_INPUT_MODE].upper()
+    if ENV_OUTPUT_PORT in env and "output_port" not in explicit:
+        config.output_port = int(env[ENV_OUTPUT_PORT])
+    if ENV_AUTOSAVE_DIR in env and "autosave_dir" not in explicit and env[ENV_AUTOSAVE_DIR]:
+        config.autosave_dir = Path(env[ENV_AUTOSAVE_DIR])
+
+
+def run(config: IocConfig, explicit: set[str] | None = None,
+        on_ready: Callable[[PsssIoc], None] | None = None) -> None:
+    """Boot and serve until SIGTERM/SIGINT. Does not return normally (epicsExit)."""
+    if config.st_cmd is not None:
+        apply_boot_environment(config, run_boot_script(config.st_cmd), explicit or set())
+    if config.acf is not None:
+        set_access_security_file(config.acf)
+    if config.input_mode.upper() not in ("PULL", "SUB"):
+        raise ValueError(f"input mode must be PULL or SUB, not {config.input_mode!r}")
+    if config.autosave_dir is not None:
+        config.autosave_dir.mkdir(parents=True, exist_ok=True)
+        autosave.configure(config.autosave_dir, config.prefix.replace(":", "_"),
+                           save_period=config.autosave_period)
+    sender = make_sender(config)
+    ioc = PsssIoc(config, sender=sender)
+    ioc.build()
+    builder.LoadDatabase()
+    softioc.devIocStats(pvs.full_name(config.prefix, pvs.IOC_STATS))
+    dispatcher = asyncio_dispatcher.AsyncioDispatcher()
+    softioc.iocInit(dispatcher, enable_pva=config.enable_pva)
+    ioc.lock_sysreset()
+    ioc.apply_restored_settings()
+    ioc.follow_external_pvs()
+    log.info("IOC %s serving %d records", config.prefix, len(pvs.TABLE))
+    if config.auto_start:
+        try:
+            ioc.pipeline.start()
+        except ValueError as e:
+            ioc.message(f"cannot start: {e}", error=True)
+    if on_ready is not None:
+        on_ready(ioc)
+    try:
+        dispatcher.wait_for_quit()
+    finally:
+        ioc.pipeline.stop(timeout=5.0)
+        if sender is not None:
+            sender.close()
+    softioc.safeEpicsExit(0)
+
+

@@ -1,0 +1,44 @@
+"""What an IOC instance is configured with (command line, boot script). Imports nothing heavy,
+so the command line can build it without loading EPICS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PREFIX = "SARFE10-PSSS059"
+DEFAULT_OUTPUT_PORT = 8889
+IMAGE_CHANNEL_SUFFIX = ":FPICTURE"
+
+# Environment variables a boot script (st.cmd) may set with epicsEnvSet.
+ENV_PREFIX = "PSSS_PREFIX"
+ENV_INPUT_STREAM = "PSSS_INPUT_STREAM"
+ENV_INPUT_MODE = "PSSS_INPUT_MODE"
+ENV_OUTPUT_PORT = "PSSS_OUTPUT_PORT"
+ENV_AUTOSAVE_DIR = "PSSS_AUTOSAVE_DIR"
+
+
+@dataclass
+class IocConfig:
+    prefix: str = DEFAULT_PREFIX
+    input_stream: str = ""
+    input_mode: str = "PULL"
+    image_channel: str | None = None  # default <prefix>:FPICTURE
+    output_port: int = DEFAULT_OUTPUT_PORT  # 0: no output stream
+    output_mode: str = "PUSH"
+    image_port: int | None = None  # legacy: the image in its own stream on this port
+    forward_image: bool = True
+    auto_start: bool = False
+    autosave_dir: Path | None = None
+    autosave_period: float = 10.0
+    acf: Path | None = None
+    st_cmd: Path | None = None
+    roi_pvs: tuple[str, str] | None = None
+    axis_pv: str | None = None
+    receive_timeout: float = 0.2  # seconds
+    enable_pva: bool = True
+    rest: tuple[str, int] | None = None  # legacy REST API (interface, port)
+
+    @property
+    def channel(self) -> str:
+        return self.image_channel or self.prefix + IMAGE_CHANNEL_SUFFIX
