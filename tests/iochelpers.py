@@ -95,12 +95,12 @@ class IocProcess:
     """`psss-ioc run ... --prefix PREFIX` as a subprocess; log in `log_path`."""
 
     def __init__(self, prefix: str, args: Sequence[str], env: dict[str, str], log_path: Path,
-                 ready_timeout: float = 60.0) -> None:
+                 ready_timeout: float = 60.0, pass_prefix: bool = True) -> None:
         self.prefix = prefix
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            [*RUN, "--prefix", prefix, *args],
+            [*RUN, *(["--prefix", prefix] if pass_prefix else []), *args],
             env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
