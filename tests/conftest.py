@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-# bsread wire fixtures shared by the team (see its README.md), outside the repository.
-BSREAD_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "bsread"
+# Real bsread messages (see tests/fixtures/bsread/README.md), copied from the team's shared
+# fixtures so that the suite runs from any clone.
+BSREAD_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bsread"
 
 
 @pytest.fixture
