@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from psss_ioc import pvs
 from psss_ioc.ioc_config import DEFAULT_OUTPUT_PORT, DEFAULT_PREFIX, IocConfig
@@ -141,29 +142,31 @@ def demo_command(prefix: str, rate: float, height: int, width: int, ca_port: int
 
     env = {**os.environ, **loopback_epics_env(ca_port, pva_port)}
     os.environ.update(loopback_epics_env(ca_port, pva_port))
-    camera_port = _free_port()
+    from psss_ioc.simulate import SimulatorProcess
+
     output_port = _free_port()
-    exe = [sys.executable, "-c", "from psss_ioc.cli import main; main()"]
     workdir = Path(tempfile.mkdtemp(prefix="psss-demo-"))
     background = workdir / "background.h5"
-    camera = subprocess.Popen(
-        [*exe, "simulate", "--port", str(camera_port), "--rate", str(rate),
-         "--height", str(height), "--width", str(width),
-         "--write-background", str(background)], env=env)
+    camera = SimulatorProcess(["--rate", str(rate), "--height", str(height), "--width",
+                               str(width), "--prefix", prefix, "--energy-axis", "9000", "9100",
+                               "--write-background", str(background)])
+    camera_address = camera.address
     ioc_proc: subprocess.Popen[Any] | None = None
     try:
         ioc_proc = subprocess.Popen(
-            [*exe, "run", f"tcp://127.0.0.1:{camera_port}", "--prefix", prefix,
-             "--output-port", str(output_port), "--auto-start",
-             "--autosave-dir", str(workdir / "autosave")], env=env)
+            [sys.executable, "-c", "from psss_ioc.commands import run_command; run_command()",
+             camera_address, "--prefix", prefix, "--output-port", str(output_port),
+             "--auto-start", "--autosave-dir", str(workdir / "autosave")],
+            env=env, stdin=subprocess.DEVNULL)
         names = {pv.name: pvs.full_name(prefix, pv) for pv in pvs.TABLE}
         center = epics.PV(names[pvs.SPECTRUM_CENTER.name])
         if not center.wait_for_connection(timeout=30):
             raise click.ClickException("the IOC did not come up within 30 s")
         if background.exists():
             epics.caput(names[pvs.BACKGROUND_FILE.name], str(background), wait=True)
+        epics.caput(names[pvs.SPECTRUM_X.name], np.linspace(9000.0, 9100.0, width), wait=True)
         click.echo(f"IOC {prefix} (CA port {ca_port}, PVA port {pva_port}) processing "
-                   f"tcp://127.0.0.1:{camera_port}; output stream tcp://127.0.0.1:{output_port}")
+                   f"{camera_address}; output stream tcp://127.0.0.1:{output_port}")
         click.echo("PVs: " + " ".join(names[pv.name] for pv in pvs.TABLE))
         click.echo(f"Try:  EPICS_CA_ADDR_LIST=127.0.0.1 EPICS_CA_AUTO_ADDR_LIST=NO "
                    f"caget {names[pvs.SPECTRUM_FWHM.name]}")
@@ -172,15 +175,16 @@ def demo_command(prefix: str, rate: float, height: int, width: int, ca_port: int
         watch = [pvs.STATUS, pvs.RATE, pvs.PULSE_ID, pvs.SPECTRUM_CENTER, pvs.SPECTRUM_FWHM,
                  pvs.FIT_STATUS, pvs.N_LOST]
         while deadline is None or time.monotonic() < deadline:
-            if ioc_proc.poll() is not None or camera.poll() is not None:
+            if ioc_proc.poll() is not None or camera.proc.poll() is not None:
                 raise click.ClickException("the IOC or the simulated camera exited")
             v = {pv.name: epics.caget(names[pv.name], as_string=pv.kind == pvs.Kind.MBB_IN,
                                       timeout=2) for pv in watch}
             click.echo(
-                f"\r{v['STATUS']:<20} rate {v['RATE'] or 0:6.1f} Hz  pulse {v['PULSE_ID']}  "
+                f"\r{v['STATUS']:<20} rate {v['RATE'] or 0:6.1f} Hz  "
+                f"pulse {int(v['PULSE_ID'] or 0)}  "
                 f"centre {v['SPECTRUM_CENTER'] or float('nan'):9.2f} eV  "
                 f"FWHM {v['SPECTRUM_FWHM'] or float('nan'):7.2f} eV  fit {v['FIT_STATUS']}  "
-                f"lost {v['N_LOST']}   ", nl=False)
+                f"lost {int(v['N_LOST'] or 0)}   ", nl=False)
             time.sleep(1.0)
         click.echo()
     except KeyboardInterrupt:
@@ -188,7 +192,7 @@ def demo_command(prefix: str, rate: float, height: int, width: int, ca_port: int
     finally:
         if ioc_proc is not None:
             _stop(ioc_proc)
-        _stop(camera)
+        camera.stop()
 
 
 # ------------------------------------------------------------------------------ legacy CLI

@@ -137,3 +137,18 @@ def test_boot_from_st_cmd(sim: SimulatorProcess, tmp_path: Path) -> None:
         assert (tmp_path / "as").is_dir()
     finally:
         assert ioc.stop() == 0, ioc.log()
+
+
+def test_demo_command_processes_and_exits() -> None:
+    import subprocess
+    import sys
+
+    ca, pva = free_port_pair(), free_port_pair()
+    out = subprocess.run(
+        [sys.executable, "-c", "from psss_ioc.cli import main; main()", "demo", "--height", "200",
+         "--width", "256", "--ca-port", str(ca), "--pva-port", str(pva), "--duration", "6"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SPECTRUM_FWHM" in out.stdout
+    assert "Processing" in out.stdout and "fit OK" in out.stdout
