@@ -152,3 +152,38 @@ def test_demo_command_processes_and_exits() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SPECTRUM_FWHM" in out.stdout
     assert "Processing" in out.stdout and "fit OK" in out.stdout
+
+
+def test_legacy_psss_processing_command_line(sim: SimulatorProcess, tmp_path: Path) -> None:
+    """The legacy systemd unit's command line: psss_processing STREAM -i PREFIX --auto_start."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    log = open(tmp_path / "legacy.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from psss_ioc.commands import legacy_main; legacy_main()",
+         sim.address, "-i", PREFIX, "-o", "0", "-r", str(free_port_pair()),
+         "--rest_api_interface", "127.0.0.1", "--log_level", "INFO", "--auto_start"],
+        env={**os.environ, **EPICS_ENV}, stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL)
+    try:
+        name = pvs.full_name(PREFIX, pvs.STATUS)
+
+        def status() -> str:
+            try:
+                return caget(name)
+            except (RuntimeError, subprocess.TimeoutExpired):
+                return ""
+
+        wait_until(lambda: status() == "Processing", 60, what="legacy IOC processing")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(5)
+        log.close()
+    assert code == 0, (tmp_path / "legacy.log").read_text()
