@@ -161,6 +161,17 @@ def add_pva_group(records: dict[str, Any], prefix: str) -> None:
         records[pv.name].add_info("Q:group", {group: {pv.group_field: spec}})
 
 
+def write_database(path: Path, prefix: str = "$(P)") -> None:
+    """The records of the PV table as a database file, for reading (`psss-ioc db`): built by
+    `build_record` like the IOC's own, written by softioc. Call in a process with no IOC."""
+    builder.SetDeviceName(prefix)
+    records = {pv.name: build_record(pv, prefix) for pv in pvs.TABLE}
+    add_pva_group(records, prefix)
+    for pv in pvs.AUTOSAVED:  # softioc autosaves these itself; the info tag tells the reader
+        records[pv.name].add_info("autosaveFields", "VAL")
+    builder.WriteRecords(str(path))
+
+
 def _clip_message(text: str) -> str:
     data = text.encode(errors="replace")
     limit = pvs.MESSAGE_LENGTH - 1
