@@ -9,6 +9,7 @@ import click
 from psss_ioc import __version__
 from psss_ioc.bench import bench
 from psss_ioc.commands import demo_command, run_command
+from psss_ioc.database import db_command
 from psss_ioc.screens import screens_command
 from psss_ioc.simulate import simulate
 
@@ -37,3 +38,4 @@ main.add_command(simulate)
 main.add_command(run_command)
 main.add_command(demo_command)
 main.add_command(screens_command)
+main.add_command(db_command)

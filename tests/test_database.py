@@ -1,0 +1,89 @@
+"""db/psss.template: generated from the PV table by softioc, up to date, and saying what the
+table says (DESC, EGU, PREC, limits, access group, autosave)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from psss_ioc import pvs
+from psss_ioc.cli import main
+from psss_ioc.database import DB_PATH
+from psss_ioc.pvs import Kind
+
+RECORD = re.compile(r'^record\((\w+), "([^"]+)"\)\n\{\n(.*?)^\}', re.M | re.S)
+FIELD = re.compile(r'field\((\w+),\s*"([^"]*)"\)')
+INFO = re.compile(r'info\(([\w:]+),\s*"([^"]*)"\)')
+
+RECORD_TYPES = {
+    Kind.AI: "ai", Kind.AO: "ao", Kind.LONG_IN: "longin", Kind.LONG_OUT: "longout",
+    Kind.INT64_IN: "int64in", Kind.BOOL_OUT: "bo", Kind.MBB_IN: "mbbi", Kind.MBB_OUT: "mbbo",
+    Kind.ACTION: "bo", Kind.WAVEFORM_IN: "waveform", Kind.WAVEFORM_OUT: "waveform",
+    Kind.LONG_STRING_IN: "waveform", Kind.LONG_STRING_OUT: "waveform",
+}
+
+
+def parse(text: str) -> dict[str, tuple[str, dict[str, str], dict[str, str]]]:
+    """name -> (record type, fields, string info tags)."""
+    return {name: (rtype, dict(FIELD.findall(body)), dict(INFO.findall(body)))
+            for rtype, name, body in RECORD.findall(text)}
+
+
+@pytest.fixture(scope="module")
+def records() -> dict[str, tuple[str, dict[str, str], dict[str, str]]]:
+    return parse(DB_PATH.read_text(encoding="utf-8"))
+
+
+def test_committed_database_is_up_to_date(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["db", "--check"])
+    assert result.exit_code == 0, result.output
+    stale = tmp_path / "psss.template"
+    stale.write_text(DB_PATH.read_text(encoding="utf-8").replace("AVG_N", "AVERAGE_N"))
+    result = runner.invoke(main, ["db", "--check", "--output", str(stale)])
+    assert result.exit_code == 1
+    assert "out of date" in result.output
+
+
+def test_one_record_per_table_entry_with_its_type(
+    records: dict[str, tuple[str, dict[str, str], dict[str, str]]],
+) -> None:
+    assert set(records) == {f"$(P):{pv.name}" for pv in pvs.TABLE}
+    for pv in pvs.TABLE:
+        assert records[f"$(P):{pv.name}"][0] == RECORD_TYPES[pv.kind], pv.name
+
+
+def test_fields_say_what_the_table_says(
+    records: dict[str, tuple[str, dict[str, str], dict[str, str]]],
+) -> None:
+    for pv in pvs.TABLE:
+        _, fields, info = records[f"$(P):{pv.name}"]
+        assert fields["DESC"] == pv.desc
+        assert fields.get("EGU", "") == pv.egu, pv.name
+        if pv.prec is not None and pv.kind in (Kind.AI, Kind.AO, Kind.WAVEFORM_IN,
+                                               Kind.WAVEFORM_OUT):
+            assert int(fields["PREC"]) == pv.prec, pv.name
+        if pv.kind in (Kind.AO, Kind.LONG_OUT) and pv.high is not None:
+            assert float(fields["DRVH"]) == pv.high, pv.name
+            assert float(fields["DRVL"]) == pv.low, pv.name
+        if pv.nelm is not None:
+            assert int(fields["NELM"]) == pv.nelm, pv.name
+        assert fields.get("ASG") == (pvs.SETTINGS_ASG if pv.writable else None), pv.name
+        assert ("autosaveFields" in info) == pv.autosave, pv.name
+        if pv.timestamped:
+            assert fields["TSE"] == "-2", pv.name
+        for value, (label, _) in enumerate(pv.options):
+            if pv.kind in (Kind.MBB_IN, Kind.MBB_OUT):
+                prefix = ("ZR", "ON", "TW", "TH", "FR", "FV", "SX", "SV")[value]
+                assert fields[f"{prefix}ST"] == label, pv.name
+
+
+def test_pva_group_members_are_tagged() -> None:
+    text = DB_PATH.read_text(encoding="utf-8")
+    grouped = [pv for pv in pvs.TABLE if pv.group_field]
+    assert text.count("info(Q:group") == len(grouped)
+    for pv in grouped:
+        assert f'"{pv.group_field}"' in text, pv.name
