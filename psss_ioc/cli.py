@@ -39,3 +39,7 @@ main.add_command(run_command)
 main.add_command(demo_command)
 main.add_command(screens_command)
 main.add_command(db_command)
+
+
+if __name__ == "__main__":
+    main()

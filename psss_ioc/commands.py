@@ -94,12 +94,34 @@ def run_command(ctx: click.Context, **options: Any) -> None:
 
 
 # ------------------------------------------------------------------------------ demo
-def _free_port() -> int:
+def free_port(pair: bool = False) -> int:
+    """A free loopback port; with `pair`, p and p+1 both free for TCP and UDP (CA needs the
+    server port and the repeater port next to it)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not pair:
+            return port
+        if port > 65000:
+            continue
+        try:
+            for p in (port, port + 1):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, kind) as t:
+                        t.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair on loopback")
+
+
+def ioc_command(input_stream: str, prefix: str, *options: str) -> list[str]:
+    """The command line that runs the IOC in a subprocess (used by demo and benchmarks)."""
+    return [sys.executable, "-c", "from psss_ioc.commands import run_command; run_command()",
+            input_stream, "--prefix", prefix, *options]
 
 
 def loopback_epics_env(ca_port: int = 5064, pva_port: int = 5075) -> dict[str, str]:
@@ -117,7 +139,8 @@ def loopback_epics_env(ca_port: int = 5064, pva_port: int = 5075) -> dict[str, s
     }
 
 
-def _stop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, wait, kill on timeout."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -144,7 +167,7 @@ def demo_command(prefix: str, rate: float, height: int, width: int, ca_port: int
     os.environ.update(loopback_epics_env(ca_port, pva_port))
     from psss_ioc.simulate import SimulatorProcess
 
-    output_port = _free_port()
+    output_port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="psss-demo-"))
     background = workdir / "background.h5"
     camera = SimulatorProcess(["--rate", str(rate), "--height", str(height), "--width",
@@ -154,9 +177,8 @@ def demo_command(prefix: str, rate: float, height: int, width: int, ca_port: int
     ioc_proc: subprocess.Popen[Any] | None = None
     try:
         ioc_proc = subprocess.Popen(
-            [sys.executable, "-c", "from psss_ioc.commands import run_command; run_command()",
-             camera_address, "--prefix", prefix, "--output-port", str(output_port),
-             "--auto-start", "--autosave-dir", str(workdir / "autosave")],
+            ioc_command(camera_address, prefix, "--output-port", str(output_port),
+                        "--auto-start", "--autosave-dir", str(workdir / "autosave")),
             env=env, stdin=subprocess.DEVNULL)
         names = {pv.name: pvs.full_name(prefix, pv) for pv in pvs.TABLE}
         center = epics.PV(names[pvs.SPECTRUM_CENTER.name])
@@ -191,7 +213,7 @@ def demo_command(prefix: str, rate: float, height: int, width: int, ca_port: int
         click.echo()
     finally:
         if ioc_proc is not None:
-            _stop(ioc_proc)
+            stop_process(ioc_proc)
         camera.stop()
 
 

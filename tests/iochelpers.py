@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from psss_ioc import pvs
-from psss_ioc.commands import loopback_epics_env
+from psss_ioc.commands import free_port, loopback_epics_env
 
 BIN = Path(sys.executable).parent
 RUN = [sys.executable, "-c", "from psss_ioc.commands import run_command; run_command()"]
@@ -26,21 +25,7 @@ RUN = [sys.executable, "-c", "from psss_ioc.commands import run_command; run_com
 
 def free_port_pair() -> int:
     """A port p with p and p+1 free for TCP and UDP on loopback (CA: server + repeater)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port > 65000:
-            continue
-        try:
-            for p in (port, port + 1):
-                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                    with socket.socket(socket.AF_INET, kind) as t:
-                        t.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair")
+    return free_port(pair=True)
 
 
 def session_epics_env() -> dict[str, str]:

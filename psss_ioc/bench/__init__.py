@@ -14,10 +14,11 @@ def bench() -> None:
 
 
 def _register() -> None:
-    from psss_ioc.bench import core, stream
+    from psss_ioc.bench import core, e2e, stream
 
     bench.add_command(core.core)
     bench.add_command(stream.stream)
+    bench.add_command(e2e.e2e)
 
 
 _register()
