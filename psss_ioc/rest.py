@@ -1,0 +1,652 @@
+"""The legacy REST API of psss_processing, served by the IOC (the only HTTP server).
+
+It holds no state of its own: every change is a ``record.set(value, process=True)`` on the
+IOC's records, which runs the same ``validate`` and ``on_update`` callbacks as a Channel Access
+put, so CA monitors see REST changes and both paths are validated alike. Reads come from the
+records and the pipeline.
+
+The server is aiohttp on its own asyncio loop in a daemon thread: requests are served
+concurrently (a slow upload never blocks /status or /stop), and HTTP work never delays the
+IOC's own dispatcher. Parsing and file I/O run in an executor; writes are serialised.
+
+Replies are always JSON: ``{"state": "ok"|"error", "status": ...}`` plus one endpoint field.
+Errors carry a fitting HTTP code (400 bad request, 401 bad token, 404 unknown path,
+405 wrong method, 409 cannot start, 413 body over `MAX_BODY_BYTES`, 500 bug, 504 the IOC did
+not finish in time) and the reason in ``status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hmac
+import io
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from psss_ioc import background as bgfile
+from psss_ioc import pvs
+from psss_ioc.pvs import BackgroundState, State
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 12000
+# A full 2016 x 2560 frame as JSON with 5-digit values is ~36 MB; the legacy service refused
+# anything over 30 MB. 512 MB leaves room for larger cameras and float text.
+MAX_BODY_BYTES = 512 * 1024 * 1024
+UINT16_MAX = 65535
+# How long a write waits for the IOC's on_update callback (background load, stop) to finish.
+RECORD_TIMEOUT = 30.0
+NPY_MAGIC = b"\x93NUMPY"
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+ENDPOINTS = ("/start", "/stop", "/status", "/background", "/parameters", "/statistics",
+             "/openapi.json")
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, PUT, OPTIONS",
+    "Access-Control-Allow-Headers": "Origin, Accept, Content-Type, X-Requested-With, "
+                                    "X-CSRF-Token, Authorization",
+}
+# Settings POST /parameters accepts (every key GET /parameters returns).
+PARAMETERS = ("background", "roi", "average_n", "fit_enabled", "min_snr")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RequestError(Exception):
+    """A request the shim refuses; `reason` goes into the reply's ``status``."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+# ------------------------------------------------------------------------------ replies
+def reply(status: str, http_status: int = 200, **extra: Any) -> web.Response:
+    body = {"state": "ok" if http_status < 400 else "error", "status": status, **extra}
+    return web.json_response(body, status=http_status, headers=CORS_HEADERS)
+
+
+def error_reply(reason: str, http_status: int, headers: dict[str, str] | None = None
+                ) -> web.Response:
+    response = reply(reason, http_status)
+    response.headers.update(headers or {})
+    return response
+
+
+def _reason_of(exc: web.HTTPException, request: web.Request) -> str:
+    if isinstance(exc, web.HTTPNotFound):
+        return f"unknown path {request.path}; endpoints: {', '.join(ENDPOINTS)}"
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(m for m in exc.allowed_methods if m != "HEAD"))
+        return f"method {request.method} not allowed for {request.path}; use {allowed}"
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return f"request body larger than the limit of {MAX_BODY_BYTES} bytes"
+    return exc.reason or f"HTTP {exc.status}"
+
+
+# ------------------------------------------------------------------------------ background data
+def parse_json_body(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise RequestError(f"request body is not valid JSON: {e}") from None
+
+
+def background_array(data: Any, shape: tuple[int, int] | None) -> np.ndarray:
+    """The legacy ``data`` (rows of whole numbers) or a decoded array as a checked uint16 image.
+
+    Refuses (RequestError) anything that is not 2-D, not numeric, not whole numbers in
+    0..65535, or not of `shape` (the current image shape) when that is known.
+    """
+    if isinstance(data, np.ndarray):
+        array = data
+    elif isinstance(data, list):
+        try:
+            array = np.array(data)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise RequestError(f"background data must be rows of equal length: {e}") from None
+    else:
+        raise RequestError(f"background data must be a list of rows, not {type(data).__name__}")
+    if array.ndim != 2:
+        raise RequestError(f"background data must be 2-D (rows of numbers), got {array.ndim} "
+                           f"dimension(s) of shape {list(array.shape)}")
+    if array.size == 0:
+        raise RequestError("background data is empty")
+    if array.dtype.kind not in "iuf":
+        raise RequestError("background data must be numbers (whole numbers 0..65535), "
+                           f"got {_kind_name(array)}")
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise RequestError("background data contains NaN or infinite values")
+        if not np.array_equal(array, np.floor(array)):
+            raise RequestError("background data must be whole numbers")
+    low, high = array.min(), array.max()
+    if low < 0 or high > UINT16_MAX:
+        raise RequestError(f"background values must be within 0..{UINT16_MAX}, "
+                           f"got {_num(low)}..{_num(high)}")
+    if shape is not None and tuple(array.shape) != tuple(shape):
+        raise RequestError(f"background shape {array.shape[0]} x {array.shape[1]} does not "
+                           f"match the image {shape[0]} x {shape[1]}")
+    return array.astype(np.uint16)
+
+
+def _kind_name(array: np.ndarray) -> str:
+    return {"b": "true/false values", "U": "strings", "S": "strings",
+            "O": "mixed or non-numeric values"}.get(array.dtype.kind, str(array.dtype))
+
+
+def _num(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float | np.floating) else str(value)
+
+
+def decode_binary(body: bytes) -> np.ndarray:
+    """A `.npy` or HDF5 (dataset /image) body as an array; RequestError if unreadable."""
+    try:
+        if body.startswith(NPY_MAGIC):
+            return np.load(io.BytesIO(body), allow_pickle=False)
+        import h5py
+
+        with h5py.File(io.BytesIO(body), "r") as f:
+            dataset = f.get(bgfile.HDF5_DATASET)
+            if not isinstance(dataset, h5py.Dataset):
+                raise RequestError(f"HDF5 body has no /{bgfile.HDF5_DATASET} dataset")
+            return dataset[()]
+    except RequestError:
+        raise
+    except Exception as e:  # numpy and h5py raise many kinds on corrupt input
+        raise RequestError(f"binary body is not a readable .npy or HDF5 file: {e}") from None
+
+
+def is_binary(body: bytes) -> bool:
+    return body.startswith(NPY_MAGIC) or body.startswith(HDF5_MAGIC)
+
+
+def stored_name(original: str) -> str:
+    """A new unique file name for an uploaded background, keeping the original's stem."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(original).stem if original else "")[:60]
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    return f"{stem or 'background'}_{stamp}_{uuid.uuid4().hex[:8]}.h5"
+
+
+def write_background(directory: Path, original: str, image: np.ndarray) -> Path:
+    """Write `image` as HDF5 /image under a new name; atomic (written, then renamed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / stored_name(original)
+    part = path.with_name(path.name + ".part")
+    try:
+        _save_h5(part, image)  # bgfile.save picks the format by suffix; .part is HDF5 too
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+    return path.resolve()
+
+
+def _save_h5(path: Path, image: np.ndarray) -> None:
+    import h5py
+
+    bgfile.validate(image, source=str(path))
+    with h5py.File(path, "w") as f:
+        f.create_dataset(bgfile.HDF5_DATASET, data=image)
+
+
+def default_background_dir(config: Any) -> Path:
+    """Where uploads go: the configured directory, else next to the autosave files, else the
+    user's state directory (all survive a restart, unlike /tmp)."""
+    configured = getattr(config, "background_dir", None)
+    if configured:
+        return Path(configured)
+    autosave_dir = getattr(config, "autosave_dir", None)
+    if autosave_dir:
+        return Path(autosave_dir) / "backgrounds"
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "psss-ioc" / "backgrounds"
+
+
+# ------------------------------------------------------------------------------ the IOC side
+class Controller:
+    """Legacy operations mapped onto the IOC's records. No state of its own besides the lock
+    that keeps REST writes from interleaving."""
+
+    def __init__(self, ioc: Any, background_dir: Path) -> None:
+        self.ioc = ioc
+        self.background_dir = background_dir
+        self.write_lock = asyncio.Lock()
+
+    # ---------------------------------------------------------------- reads
+    def rec(self, pv: pvs.PV) -> Any:
+        return self.ioc.rec(pv)
+
+    def status(self) -> str:
+        return "stopped" if self.rec(pvs.STATUS).get() == State.STOPPED else "processing"
+
+    def message(self) -> str:
+        return str(self.rec(pvs.MESSAGE).get())
+
+    def parameters(self) -> dict[str, Any]:
+        settings = self.ioc.pipeline.settings
+        return {
+            "background": settings.background_name,
+            "roi": [int(self.rec(pvs.SPC_ROI_YMIN).get()), int(self.rec(pvs.SPC_ROI_YMAX).get())],
+            "average_n": int(self.rec(pvs.AVG_N).get()),
+            "fit_enabled": bool(self.rec(pvs.FIT_ENABLE).get()),
+            "min_snr": float(self.rec(pvs.FIT_MIN_SNR).get()),
+        }
+
+    def statistics(self) -> dict[str, Any]:
+        stats = self.ioc.pipeline.statistics()
+        shape = self.ioc.pipeline.image_shape
+        return {
+            # the five legacy keys, same meaning (times as the legacy str(datetime))
+            "processing_start_time": _legacy_time(stats.processing_start_time),
+            "last_sent_pulse_id": stats.last_pulse_id,
+            "last_sent_time": _legacy_time(stats.last_sent_time),
+            "n_processed_images": stats.n_processed,
+            "last_processing_duration_ms": stats.proc_time_ms,
+            # new figures
+            "processing_start_timestamp": stats.processing_start_time,
+            "last_sent_timestamp": stats.last_sent_time,
+            "state": pvs.STATE_LABELS[stats.state],
+            "rate_hz": stats.rate_hz,
+            "n_received": stats.n_received,
+            "n_sent": stats.n_sent,
+            "n_lost": stats.n_lost,
+            "n_errors": stats.n_errors,
+            "n_out_dropped": stats.n_out_dropped,
+            "errors_by_kind": dict(stats.errors_by_kind),
+            "image_shape": list(shape) if shape is not None else None,
+            "message": self.message(),
+        }
+
+    # ---------------------------------------------------------------- writes
+    async def put(self, pv: pvs.PV, value: Any, wait: bool = False) -> bool:
+        """record.set(value, process=True) (validate + on_update, as a CA put); with `wait`,
+        until a blocking record's on_update finished. True if the record took the value."""
+        record = self.rec(pv)
+        record.set(value, process=True)
+        if wait:
+            await self._completion(record, pv)
+        return _same(record.get(), value)
+
+    async def _completion(self, record: Any, pv: pvs.PV) -> None:
+        deadline = time.monotonic() + RECORD_TIMEOUT
+        while record.get_field("PACT") not in ("0", ""):
+            if time.monotonic() > deadline:
+                raise RequestError(f"the IOC did not finish {pv.name} within "
+                                   f"{RECORD_TIMEOUT:g} s", 504)
+            await asyncio.sleep(0.01)
+
+    async def start(self) -> None:
+        if not self.ioc.pipeline.input[0]:
+            raise RequestError("cannot start: no input stream address set "
+                               "(INPUT_STREAM is empty)", 409)
+        await self.put(pvs.START, 1, wait=True)
+        if self.status() != "processing":
+            raise RequestError(self.message() or "cannot start", 409)
+
+    async def stop(self) -> None:
+        await self.put(pvs.STOP, 1, wait=True)
+
+    async def set_roi(self, roi: Any) -> None:
+        ymin, ymax = self.check_roi(roi)
+        rec_min, rec_max = self.rec(pvs.SPC_ROI_YMIN), self.rec(pvs.SPC_ROI_YMAX)
+        cur_min, cur_max = int(rec_min.get()), int(rec_max.get())
+        # the records are checked one at a time against the other one's current value: pick
+        # the order whose intermediate ROI is valid ([ymin, cur_max) or [cur_min, ymax))
+        steps = [(pvs.SPC_ROI_YMIN, ymin, cur_min), (pvs.SPC_ROI_YMAX, ymax, cur_max)]
+        if not ymin < cur_max:
+            steps.reverse()
+        done: list[tuple[pvs.PV, int]] = []
+        for pv, value, old in steps:
+            if not await self.put(pv, value):
+                reason = self.message()
+                for undo_pv, undo_value in reversed(done):
+                    await self.put(undo_pv, undo_value)
+                raise RequestError(reason or f"{pv.name} refused {value}")
+            done.append((pv, old))
+
+    def check_roi(self, roi: Any) -> tuple[int, int]:
+        """Everything the records and the pipeline would check, up front, with the reason."""
+        if (not isinstance(roi, list | tuple) or len(roi) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in roi)):
+            raise RequestError(f"roi must be [ymin, ymax] (two whole numbers), not "
+                               f"{json.dumps(roi)[:100]}")
+        ymin, ymax = int(roi[0]), int(roi[1])
+        high = int(pvs.SPC_ROI_YMAX.high or 0)
+        if (ymin, ymax) == (0, 0):
+            return 0, 0
+        if ymin < 0 or ymax > high:
+            raise RequestError(f"roi rows must be within 0..{high}, got [{ymin}, {ymax}]")
+        try:
+            self.ioc.pipeline.check(roi=(ymin, ymax))
+        except ValueError as e:
+            raise RequestError(f"roi refused: {e}") from None
+        shape = self.ioc.pipeline.image_shape
+        if shape is not None and ymax > shape[0]:
+            raise RequestError(f"roi refused: ROI rows [{ymin}, {ymax}) exceed the image "
+                               f"height {shape[0]}")
+        return ymin, ymax
+
+    async def set_scalar(self, pv: pvs.PV, value: Any, kind: type) -> None:
+        """AVG_N, FIT_ENABLE, FIT_MIN_SNR: type and range checked, then put."""
+        ok_type = (isinstance(value, bool) if kind is bool else
+                   isinstance(value, int | float) and not isinstance(value, bool)
+                   and (kind is float or float(value).is_integer()))
+        if not ok_type or (kind is float and not np.isfinite(value)):
+            raise RequestError(f"{pv.name.lower()} must be {_kind_word(kind)}, "
+                               f"not {json.dumps(value)[:100]}")
+        if kind is not bool and not (pv.low or 0) <= value <= (pv.high or np.inf):
+            raise RequestError(f"{pv.name.lower()} must be within {_num(pv.low)}..{_num(pv.high)},"
+                               f" got {_num(value)}")
+        typed = kind(value) if kind is not bool else int(value)
+        if not await self.put(pv, typed):
+            raise RequestError(self.message() or f"{pv.name} refused {value}")
+
+    async def set_background_file(self, path: str) -> None:
+        """Load (or with "" clear) a background file through BACKGROUND_FILE."""
+        if path:
+            shape = self.ioc.pipeline.image_shape
+            loop = asyncio.get_running_loop()
+            try:  # the same check apply_background makes, so the reply can say why
+                await loop.run_in_executor(None, bgfile.load, path, shape)
+            except ValueError as e:
+                raise RequestError(f"background refused: {e}") from None
+        await self.put(pvs.BACKGROUND_FILE, path, wait=True)
+        loaded = self.ioc.pipeline.settings.background_name == path
+        state = self.rec(pvs.BACKGROUND_STATUS).get()
+        if not loaded or state == BackgroundState.ERROR:
+            raise RequestError(self.message() or f"background {path!r} refused")
+
+    async def upload_background(self, original: str, data: Any) -> Path:
+        """Check and store an uploaded image, then load it through BACKGROUND_FILE."""
+        shape = self.ioc.pipeline.image_shape
+        loop = asyncio.get_running_loop()
+        image = await loop.run_in_executor(None, background_array, data, shape)
+        path = await loop.run_in_executor(None, write_background, self.background_dir,
+                                          original, image)
+        await self.set_background_file(str(path))
+        return path
+
+
+def _kind_word(kind: type) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number"}[kind]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return bool(np.isclose(float(a), float(b), rtol=1e-12, atol=0))
+    return bool(a == b)
+
+
+def _legacy_time(epoch: float | None) -> str | None:
+    return None if epoch is None else str(datetime.datetime.fromtimestamp(epoch))
+
+
+# ------------------------------------------------------------------------------ HTTP
+class RestApi:
+    """The aiohttp application: routes, error and CORS middleware, optional write token."""
+
+    def __init__(self, controller: Controller, token: str | None = None) -> None:
+        self.c = controller
+        self.token = token or None
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES,
+                                   middlewares=[self._middleware])
+        self.app.add_routes([
+            web.post("/start", self.start),
+            web.post("/stop", self.stop),
+            web.get("/status", self.status),
+            web.post("/background", self.background),
+            web.get("/parameters", self.get_parameters),
+            web.post("/parameters", self.set_parameters),
+            web.get("/statistics", self.statistics),
+            web.get("/openapi.json", self.openapi),
+        ])
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            if request.method == "OPTIONS":
+                return self._preflight(request)
+            self._authorize(request)
+            return await handler(request)
+        except RequestError as e:
+            return error_reply(e.reason, e.status, _auth_header(e.status))
+        except web.HTTPException as e:
+            headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else {}
+            return error_reply(_reason_of(e, request), e.status, headers)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as e:  # a bug: say so in JSON, keep serving
+            log.exception("REST %s %s failed", request.method, request.path)
+            return error_reply(f"internal error: {type(e).__name__}: {e}", 500)
+
+    def _preflight(self, request: web.Request) -> web.Response:
+        exc = request.match_info.http_exception
+        if isinstance(exc, web.HTTPNotFound):
+            raise exc
+        return web.Response(status=200, headers=CORS_HEADERS)
+
+    def _authorize(self, request: web.Request) -> None:
+        """With a token, write requests need ``Authorization: Bearer <token>``."""
+        if self.token is None or request.method in ("GET", "HEAD"):
+            return
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if not (scheme.lower() == "bearer"
+                and hmac.compare_digest(value.strip().encode(), self.token.encode())):
+            raise RequestError("this endpoint needs the header 'Authorization: Bearer <token>' "
+                               "with the IOC's REST token", 401)
+
+    async def _body(self, request: web.Request) -> bytes:
+        declared = request.content_length
+        if declared is not None and declared > MAX_BODY_BYTES:
+            raise RequestError(f"request body of {declared} bytes is larger than the limit of "
+                               f"{MAX_BODY_BYTES} bytes", 413)
+        return await request.read()
+
+    async def _json_object(self, request: web.Request, what: str) -> dict[str, Any]:
+        body = await self._body(request)
+        loop = asyncio.get_running_loop()
+        value = await loop.run_in_executor(None, parse_json_body, body)
+        if not isinstance(value, dict):
+            raise RequestError(f"{what} must be a JSON object, not {type(value).__name__}")
+        return value
+
+    # ---------------------------------------------------------------- endpoints
+    async def start(self, request: web.Request) -> web.Response:
+        async with self.c.write_lock:
+            await self.c.start()
+        return reply(self.c.status())
+
+    async def stop(self, request: web.Request) -> web.Response:
+        async with self.c.write_lock:
+            await self.c.stop()
+        return reply(self.c.status())
+
+    async def status(self, request: web.Request) -> web.Response:
+        return reply(self.c.status())
+
+    async def get_parameters(self, request: web.Request) -> web.Response:
+        return reply(self.c.status(), parameters=self.c.parameters())
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        return reply(self.c.status(), statistics=self.c.statistics())
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        from psss_ioc.rest_openapi import OPENAPI
+
+        return web.json_response(OPENAPI, headers=CORS_HEADERS)
+
+    async def background(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        if is_binary(body):
+            original = request.query.get("filename", "")
+            loop = asyncio.get_running_loop()
+            data: Any = await loop.run_in_executor(None, decode_binary, body)
+        else:
+            loop = asyncio.get_running_loop()
+            value = await loop.run_in_executor(None, parse_json_body, body)
+            original, data = _background_request(value)
+        async with self.c.write_lock:
+            if data is not None:
+                await self.c.upload_background(original, data)
+            else:
+                await self.c.set_background_file(_resolved(original))
+        return reply(self.c.status())
+
+    async def set_parameters(self, request: web.Request) -> web.Response:
+        request_body = await self._json_object(request, "parameters")
+        unknown = sorted(set(request_body) - set(PARAMETERS))
+        if unknown:
+            raise RequestError(f"unknown parameter(s) {', '.join(unknown)}; known: "
+                               f"{', '.join(PARAMETERS)}")
+        async with self.c.write_lock:
+            await self._apply_parameters(request_body)
+        return reply(self.c.status(), parameters=self.c.parameters())
+
+    async def _apply_parameters(self, p: dict[str, Any]) -> None:
+        """Check everything before changing anything, then apply in a fixed order."""
+        if "roi" in p:
+            self.c.check_roi(p["roi"])
+        if "background" in p and not isinstance(p["background"], str):
+            raise RequestError("background must be a file name (a string), not "
+                               f"{json.dumps(p['background'])[:100]}")
+        for key, pv, kind in (("average_n", pvs.AVG_N, int), ("fit_enabled", pvs.FIT_ENABLE, bool),
+                              ("min_snr", pvs.FIT_MIN_SNR, float)):
+            if key in p:
+                await self.c.set_scalar(pv, p[key], kind)
+        if "roi" in p:
+            await self.c.set_roi(p["roi"])
+        if "background" in p:
+            path = _resolved(p["background"])
+            if path != self.c.ioc.pipeline.settings.background_name:
+                await self.c.set_background_file(path)
+
+
+def _background_request(value: Any) -> tuple[str, Any]:
+    """``{"filename": str, "data": rows or null}`` -> (filename, data)."""
+    if not isinstance(value, dict):
+        raise RequestError("background request must be a JSON object "
+                           '{"filename": "...", "data": [[...], ...] or null}')
+    unknown = sorted(set(value) - {"filename", "data"})
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)}; expected filename and data")
+    filename = value.get("filename") or ""
+    if not isinstance(filename, str):
+        raise RequestError(f"filename must be a string, not {json.dumps(filename)[:100]}")
+    return filename, value.get("data")
+
+
+def _resolved(path: str) -> str:
+    """A file name as the IOC should store it: absolute, so it survives a change of directory."""
+    path = path.strip()
+    return str(Path(path).resolve()) if path else ""
+
+
+def _auth_header(status: int) -> dict[str, str]:
+    return {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+
+
+# ------------------------------------------------------------------------------ server thread
+class RestServer:
+    """The REST API on its own asyncio loop in a daemon thread."""
+
+    def __init__(self, ioc: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 token: str | None = None, background_dir: Path | None = None) -> None:
+        self.host = host
+        self.requested_port = port
+        self.port: int | None = None
+        self.background_dir = background_dir or default_background_dir(ioc.config)
+        self._ioc = ioc
+        self._token = token
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 15.0) -> RestServer:
+        """Bind and serve; raises OSError when the port cannot be bound."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._serve, args=(ready, failure),
+                                        name="psss-rest", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout):
+            raise TimeoutError(f"REST server on {self.host}:{self.requested_port} did not start")
+        if failure:
+            raise failure[0]
+        log.info("REST API on http://%s:%d/ (backgrounds stored in %s)", self.host, self.port,
+                 self.background_dir)
+        return self
+
+    def _serve(self, ready: threading.Event, failure: list[BaseException]) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._bind())
+        except BaseException as e:
+            failure.append(e)
+            ready.set()
+            loop.close()
+            return
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(self._runner.cleanup() if self._runner else asyncio.sleep(0))
+            loop.close()
+
+    async def _bind(self) -> None:
+        controller = Controller(self._ioc, self.background_dir)
+        api = RestApi(controller, self._token)
+        self._runner = web.AppRunner(api.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.requested_port, reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else self.requested_port
+
+    def stop(self, timeout: float = 5.0) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+
+
+def start_in_thread(ioc: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                    token: str | None = None, background_dir: Path | None = None) -> RestServer:
+    """Serve the REST API for `ioc` (a started `PsssIoc`); raises OSError if the port is busy."""
+    return RestServer(ioc, host, port, token, background_dir).start()
+
+
+def serve(ioc: Any) -> RestServer | None:
+    """The IOC's hook: serve as ``ioc.config`` says (``rest`` = (host, port) or None = off,
+    ``rest_token``, ``background_dir``). A port that cannot be bound is reported in MESSAGE and
+    the log; the IOC goes on without REST."""
+    address = getattr(ioc.config, "rest", None)
+    if not address:
+        return None
+    host, port = address
+    try:
+        return start_in_thread(ioc, host, int(port), getattr(ioc.config, "rest_token", None))
+    except (OSError, TimeoutError) as e:
+        ioc.message(f"REST API not served on {host}:{port}: {e}", error=True)
+        return None
