@@ -32,6 +32,8 @@ from psss_ioc.ioc_config import (
     ENV_INPUT_STREAM,
     ENV_OUTPUT_PORT,
     ENV_PREFIX,
+    ENV_REST_HOST,
+    ENV_REST_PORT,
     IocConfig,
 )
 from psss_ioc.pipeline import FrameLike, Pipeline, ResultSink, SourceFactory, Statistics
@@ -72,7 +74,7 @@ def run_boot_script(path: Path) -> dict[str, str]:
     if status != 0:
         raise RuntimeError(f"boot script {path} failed (iocsh status {status})")
     names = [ENV_PREFIX, ENV_INPUT_STREAM, ENV_INPUT_MODE, ENV_OUTPUT_PORT, ENV_AUTOSAVE_DIR,
-             "EPICS_CA_MAX_ARRAY_BYTES"]
+             ENV_REST_HOST, ENV_REST_PORT, "EPICS_CA_MAX_ARRAY_BYTES"]
     found = {n: v for n in names if (v := _libc_getenv(n)) is not None}
     if "EPICS_CA_MAX_ARRAY_BYTES" in found:
         os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = found["EPICS_CA_MAX_ARRAY_BYTES"]
@@ -517,6 +519,21 @@ def apply_boot_environment(config: IocConfig, env: dict[str, str], explicit: set
         config.output_port = int(env[ENV_OUTPUT_PORT])
     if ENV_AUTOSAVE_DIR in env and "autosave_dir" not in explicit and env[ENV_AUTOSAVE_DIR]:
         config.autosave_dir = Path(env[ENV_AUTOSAVE_DIR])
+    if config.rest is not None and "no_rest" not in explicit:  # REST: PSSS_REST_PORT "0" = off
+        host = env.get(ENV_REST_HOST) if "rest_host" not in explicit else None
+        port = env.get(ENV_REST_PORT) if "rest_port" not in explicit else None
+        config.rest = (host or config.rest[0], int(port or config.rest[1]))
+        if not config.rest[1]:
+            config.rest = None
+
+
+def _serve_rest(ioc: PsssIoc) -> Any:
+    """The legacy REST API when ``config.rest`` is set (aiohttp only imported then)."""
+    if ioc.config.rest is None:
+        return None
+    from psss_ioc import rest
+
+    return rest.serve(ioc)
 
 
 def run(config: IocConfig, explicit: set[str] | None = None,
@@ -548,11 +565,14 @@ def run(config: IocConfig, explicit: set[str] | None = None,
             ioc.pipeline.start()
         except ValueError as e:
             ioc.message(f"cannot start: {e}", error=True)
+    rest_server = _serve_rest(ioc)
     if on_ready is not None:
         on_ready(ioc)
     try:
         dispatcher.wait_for_quit()
     finally:
+        if rest_server is not None:
+            rest_server.stop()
         ioc.pipeline.stop(timeout=5.0)
         if sender is not None:
             sender.close()

@@ -16,6 +16,8 @@ ENV_INPUT_STREAM = "PSSS_INPUT_STREAM"
 ENV_INPUT_MODE = "PSSS_INPUT_MODE"
 ENV_OUTPUT_PORT = "PSSS_OUTPUT_PORT"
 ENV_AUTOSAVE_DIR = "PSSS_AUTOSAVE_DIR"
+ENV_REST_HOST = "PSSS_REST_HOST"
+ENV_REST_PORT = "PSSS_REST_PORT"  # "0": no REST API
 
 
 @dataclass
@@ -37,7 +39,9 @@ class IocConfig:
     axis_pv: str | None = None
     receive_timeout: float = 0.2  # seconds
     enable_pva: bool = True
-    rest: tuple[str, int] | None = None  # legacy REST API (interface, port)
+    rest: tuple[str, int] | None = None  # legacy REST API (interface, port); None: off
+    rest_token: str | None = None  # REST write requests need "Authorization: Bearer <token>"
+    background_dir: Path | None = None  # REST uploads [default: <autosave_dir>/backgrounds]
 
     @property
     def channel(self) -> str:
