@@ -59,6 +59,15 @@ def _explicit(ctx: click.Context) -> set[str]:
               help="Follow external ROI PVs into SPC_ROI_YMIN/SPC_ROI_YMAX.")
 @click.option("--axis-pv", default=None, help="Follow an external energy axis PV.")
 @click.option("--no-pva", is_flag=True, help="Serve Channel Access only.")
+@click.option("--rest-host", default="127.0.0.1", show_default=True,
+              help="Interface of the legacy REST API (0.0.0.0: the network).")
+@click.option("--rest-port", type=int, default=12000, show_default=True,
+              help="Port of the legacy REST API (0: off).")
+@click.option("--no-rest", is_flag=True, help="No legacy REST API.")
+@click.option("--rest-token", envvar="PSSS_REST_TOKEN", default=None,
+              help="REST write requests need 'Authorization: Bearer TOKEN' [env PSSS_REST_TOKEN].")
+@click.option("--background-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where REST background uploads go [default: <autosave-dir>/backgrounds].")
 @click.pass_context
 def run_command(ctx: click.Context, **options: Any) -> None:
     """Run the IOC: records under PREFIX, processing INPUT_STREAM (tcp://host:port).
@@ -89,6 +98,10 @@ def run_command(ctx: click.Context, **options: Any) -> None:
         roi_pvs=tuple(options["roi_pvs"]) if options["roi_pvs"] else None,
         axis_pv=options["axis_pv"],
         enable_pva=not options["no_pva"],
+        rest=(None if options["no_rest"] or not options["rest_port"]
+              else (options["rest_host"], options["rest_port"])),
+        rest_token=options["rest_token"],
+        background_dir=options["background_dir"],
     )
     ioc.run(config, explicit=_explicit(ctx))
 
@@ -256,23 +269,5 @@ def legacy_main(input_stream: str, prefix: str, data_output_stream_port: int,
         roi_pvs=(ymin_pv, ymax_pv) if ymin_pv and ymax_pv else None,
         axis_pv=axis_pv,
     )
-    config.rest = (rest_api_interface, rest_api_port)
-    ioc.run(config, on_ready=_start_rest(rest_api_interface, rest_api_port))
-
-
-def _start_rest(interface: str, port: int) -> Any:
-    """The legacy REST API, if the REST shim module is installed in this tree."""
-
-    def on_ready(the_ioc: Any) -> None:
-        try:
-            from psss_ioc import rest
-        except ImportError:
-            log.warning("REST API not available in this build; port %d not served", port)
-            return
-        start = getattr(rest, "start_in_thread", None) or getattr(rest, "serve_in_thread", None)
-        if start is None:
-            log.warning("REST module has no start function; port %d not served", port)
-            return
-        start(the_ioc, interface, port)
-
-    return on_ready
+    config.rest = (rest_api_interface, rest_api_port)  # ioc.run serves it
+    ioc.run(config)
