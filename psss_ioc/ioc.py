@@ -560,12 +560,12 @@ def run(config: IocConfig, explicit: set[str] | None = None,
     ioc.apply_restored_settings()
     ioc.follow_external_pvs()
     log.info("IOC %s serving %d records", config.prefix, len(pvs.TABLE))
+    rest_server = _serve_rest(ioc)
     if config.auto_start:
         try:
             ioc.pipeline.start()
         except ValueError as e:
             ioc.message(f"cannot start: {e}", error=True)
-    rest_server = _serve_rest(ioc)
     if on_ready is not None:
         on_ready(ioc)
     try:

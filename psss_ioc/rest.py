@@ -455,7 +455,12 @@ class RestApi:
         if declared is not None and declared > MAX_BODY_BYTES:
             raise RequestError(f"request body of {declared} bytes is larger than the limit of "
                                f"{MAX_BODY_BYTES} bytes", 413)
-        return await request.read()
+        try:
+            return await request.read()
+        except ConnectionResetError:  # the client went away mid-upload: nobody to answer
+            log.info("REST %s %s: client disconnected during the upload", request.method,
+                     request.path)
+            raise RequestError("connection lost during the upload") from None
 
     async def _json_object(self, request: web.Request, what: str) -> dict[str, Any]:
         body = await self._body(request)
