@@ -284,6 +284,23 @@ def _solve4(m: np.ndarray, b: np.ndarray, out: np.ndarray) -> bool:
     return True
 
 
+# Relative tolerances on chi2 and on the parameters (MINPACK's defaults, as curve_fit uses).
+_FTOL = 1.5e-8
+_XTOL = 1.5e-8
+
+
+@njit(cache=True, nogil=True)
+def _predicted_decrease(jtj: np.ndarray, jtr: np.ndarray, step: np.ndarray) -> float:
+    """Decrease of chi2 the local quadratic model predicts for the step: 2 d.g - d.H.d."""
+    linear = 0.0
+    quadratic = 0.0
+    for j in range(4):
+        linear += step[j] * jtr[j]
+        for k in range(4):
+            quadratic += step[j] * jtj[j, k] * step[k]
+    return 2.0 * linear - quadratic
+
+
 @njit(cache=True, nogil=True)
 def _levenberg_marquardt(
     x: np.ndarray, y: np.ndarray, p: np.ndarray, max_iterations: int
@@ -308,6 +325,10 @@ def _levenberg_marquardt(
                     damped[j, k] = jtj[j, k]
                 damped[j, j] = jtj[j, j] * (1.0 + lam) + 1e-300
             if _solve4(damped, jtr, step):
+                if lam <= 1e-3 and _predicted_decrease(jtj, jtr, step) <= _FTOL * chi2:
+                    # Near Gauss-Newton and the quadratic model promises nothing more:
+                    # converged, without paying for one more evaluation to confirm it.
+                    return True, iteration, chi2
                 for j in range(4):
                     trial[j] = p[j] + step[j]
                 if trial[2] != 0.0:
@@ -323,7 +344,7 @@ def _levenberg_marquardt(
             return evaluations_left > 0, iteration, chi2
         small_step = True
         for j in range(4):
-            if abs(step[j]) > 1.5e-8 * (abs(p[j]) + 1.5e-8):
+            if abs(step[j]) > _XTOL * (abs(p[j]) + _XTOL):
                 small_step = False
         decrease = chi2 - trial_chi2
         p[:] = trial
@@ -331,7 +352,7 @@ def _levenberg_marquardt(
         jtr[:] = trial_jtr
         chi2 = trial_chi2
         lam = max(lam * 0.1, 1e-12)
-        if small_step or decrease <= 1.5e-8 * chi2 or chi2 == 0.0:
+        if small_step or decrease <= _FTOL * chi2 or chi2 == 0.0:
             return True, iteration, chi2
     return False, max_iterations, chi2
 
