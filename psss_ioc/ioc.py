@@ -182,6 +182,19 @@ def _clip_message(text: str) -> str:
     return data[: limit - 3].decode(errors="ignore") + "..."
 
 
+def roi_put_order(new: tuple[int, int], current: tuple[int, int]) -> list[tuple[PV, int]]:
+    """The puts that move the ROI records from `current` to `new` through valid states only.
+
+    Each limit is checked at put time against the other one's current value, so moving the
+    ROI up past its old top must write YMAX first, and moving it down YMIN first.
+    """
+    ymin, ymax = new
+    steps = [(pvs.SPC_ROI_YMIN, ymin), (pvs.SPC_ROI_YMAX, ymax)]
+    if (ymin, ymax) != (0, 0) and ymin >= current[1]:
+        steps.reverse()
+    return steps
+
+
 class RecordPublisher:
     """The pipeline's Publisher: writes results, state and statistics into the records."""
 
@@ -441,32 +454,50 @@ class PsssIoc:
             self.apply_background(path)
 
     def follow_external_pvs(self) -> None:
-        """Mirror external ROI/axis PVs (legacy deployment) into the local records."""
+        """Mirror external ROI/axis PVs (legacy deployment) into the local records.
+
+        The ROI limits are applied as a pair, in the order that keeps every intermediate ROI
+        valid (see `roi_put_order`), whichever external PV changed.
+        """
         if not (self.config.roi_pvs or self.config.axis_pv):
             return
         import epics  # pyepics, only when asked for
 
-        def mirror(pv: PV) -> Callable[..., None]:
+        external_roi: dict[str, int] = {}
+
+        def follow_roi(limit: str) -> Callable[..., None]:
             def callback(value: Any = None, **_: Any) -> None:
                 if value is None:
                     return
+                external_roi[limit] = int(value)
+                if len(external_roi) < 2:
+                    return  # wait for both limits before applying a pair
+                current = (int(self.rec(pvs.SPC_ROI_YMIN).get()),
+                           int(self.rec(pvs.SPC_ROI_YMAX).get()))
                 try:
-                    if pv.kind == Kind.WAVEFORM_OUT:
-                        self.rec(pv).set(np.asarray(value, dtype=np.float64))
-                    else:
-                        self.rec(pv).set(int(value))
+                    for pv, v in roi_put_order((external_roi["ymin"], external_roi["ymax"]),
+                                               current):
+                        self.rec(pv).set(v)
                 except Exception as e:
-                    self.message(f"following {pv.name} failed: {e}", error=True)
+                    self.message(f"following the external ROI failed: {e}", error=True)
             return callback
+
+        def follow_axis(value: Any = None, **_: Any) -> None:
+            if value is None:
+                return
+            try:
+                self.rec(pvs.SPECTRUM_X).set(np.asarray(value, dtype=np.float64))
+            except Exception as e:
+                self.message(f"following the external axis failed: {e}", error=True)
 
         self._external = []
         if self.config.roi_pvs:
-            for name, pv in zip(self.config.roi_pvs, (pvs.SPC_ROI_YMIN, pvs.SPC_ROI_YMAX),
-                                strict=True):
-                self._external.append(epics.PV(name, callback=mirror(pv), auto_monitor=True))
+            for name, limit in zip(self.config.roi_pvs, ("ymin", "ymax"), strict=True):
+                self._external.append(epics.PV(name, callback=follow_roi(limit),
+                                               auto_monitor=True))
         if self.config.axis_pv:
             self._external.append(
-                epics.PV(self.config.axis_pv, callback=mirror(pvs.SPECTRUM_X), auto_monitor=True)
+                epics.PV(self.config.axis_pv, callback=follow_axis, auto_monitor=True)
             )
 
     def lock_sysreset(self) -> None:
