@@ -55,7 +55,7 @@ ENDPOINTS = ("/start", "/stop", "/status", "/background", "/parameters", "/stati
              "/openapi.json")
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "GET, POST, PUT, OPTIONS",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Headers": "Origin, Accept, Content-Type, X-Requested-With, "
                                     "X-CSRF-Token, Authorization",
 }
