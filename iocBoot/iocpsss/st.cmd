@@ -12,6 +12,11 @@ epicsEnvSet("PSSS_PREFIX", "SARFE10-PSSS059")
 epicsEnvSet("PSSS_INPUT_STREAM", "tcp://sf-daqsync-02:9000")
 epicsEnvSet("PSSS_INPUT_MODE", "PULL")
 epicsEnvSet("PSSS_OUTPUT_PORT", "8889")
+# Legacy REST API of psss_processing (PsssProcessingClient, port 12000). 127.0.0.1 serves this
+# host only; "0.0.0.0" opens it to the network (as psss_processing did); port "0" turns it off.
+# Protect writes with `--rest-token` (or PSSS_REST_TOKEN in the environment file) when open.
+epicsEnvSet("PSSS_REST_HOST", "127.0.0.1")
+epicsEnvSet("PSSS_REST_PORT", "12000")
 # Settings (ROI, axis, background file, ...) survive restarts here
 epicsEnvSet("PSSS_AUTOSAVE_DIR", "/var/lib/psss-ioc/autosave")
 # Channel Access: spectra and axes are waveforms of up to 8192 doubles
