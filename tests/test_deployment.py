@@ -188,6 +188,15 @@ def test_every_variable_named_is_read_by_epics_python_numba_systemd_or_the_unit(
             assert values(service, "StateDirectory")
         elif name == "PSSS_IOC_ARGS":  # read by the unit itself
             assert f"${name}" in exec_start.split()
+        elif name == "PSSS_REST_TOKEN":  # read by `psss-ioc run` (--rest-token)
+            previous = os.environ.get(name)
+            os.environ[name] = "t"
+            try:
+                assert run_command.make_context("run", []).params["rest_token"] == "t"
+            finally:
+                os.environ.pop(name)
+                if previous is not None:
+                    os.environ[name] = previous
         else:
             unread.append(name)
     assert not unread, f"variables nothing reads: {unread}"
