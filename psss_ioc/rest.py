@@ -302,21 +302,20 @@ class Controller:
 
     async def set_roi(self, roi: Any) -> None:
         ymin, ymax = self.check_roi(roi)
-        rec_min, rec_max = self.rec(pvs.SPC_ROI_YMIN), self.rec(pvs.SPC_ROI_YMAX)
-        cur_min, cur_max = int(rec_min.get()), int(rec_max.get())
-        # the records are checked one at a time against the other one's current value: pick
-        # the order whose intermediate ROI is valid ([ymin, cur_max) or [cur_min, ymax))
-        steps = [(pvs.SPC_ROI_YMIN, ymin, cur_min), (pvs.SPC_ROI_YMAX, ymax, cur_max)]
-        if not ymin < cur_max:
-            steps.reverse()
+        from psss_ioc.ioc import roi_put_order
+
+        current = (int(self.rec(pvs.SPC_ROI_YMIN).get()), int(self.rec(pvs.SPC_ROI_YMAX).get()))
+        old = dict(zip((pvs.SPC_ROI_YMIN.name, pvs.SPC_ROI_YMAX.name), current, strict=True))
+        # each limit is checked against the other's current value: put them in a valid order;
+        # if the second is refused, put the first back (the previous ROI stays in force)
         done: list[tuple[pvs.PV, int]] = []
-        for pv, value, old in steps:
+        for pv, value in roi_put_order((ymin, ymax), current):
             if not await self.put(pv, value):
                 reason = self.message()
                 for undo_pv, undo_value in reversed(done):
                     await self.put(undo_pv, undo_value)
                 raise RequestError(reason or f"{pv.name} refused {value}")
-            done.append((pv, old))
+            done.append((pv, old[pv.name]))
 
     def check_roi(self, roi: Any) -> tuple[int, int]:
         """Everything the records and the pipeline would check, up front, with the reason."""
