@@ -548,7 +548,7 @@ def _background_request(value: Any) -> tuple[str, Any]:
     unknown = sorted(set(value) - {"filename", "data"})
     if unknown:
         raise RequestError(f"unknown field(s) {', '.join(unknown)}; expected filename and data")
-    filename = value.get("filename") or ""
+    filename = value.get("filename", "")
     if not isinstance(filename, str):
         raise RequestError(f"filename must be a string, not {json.dumps(filename)[:100]}")
     return filename, value.get("data")
@@ -557,6 +557,8 @@ def _background_request(value: Any) -> tuple[str, Any]:
 def _resolved(path: str) -> str:
     """A file name as the IOC should store it: absolute, so it survives a change of directory."""
     path = path.strip()
+    if "\x00" in path:  # the OS refuses such names; say so instead of failing inside
+        raise RequestError("file name must not contain a NUL character")
     return str(Path(path).resolve()) if path else ""
 
 

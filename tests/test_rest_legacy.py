@@ -295,6 +295,9 @@ BAD_BACKGROUNDS: list[tuple[Any, str]] = [
     ({"filename": "/no/such/dir/bg.h5", "data": None}, "does not exist"),
     ({"file": "x.h5"}, "unknown field"),
     ([1, 2], "JSON object"),
+    # found by the schemathesis fuzz test:
+    ({"filename": "bg\x00.h5", "data": None}, "NUL"),
+    ({"filename": False, "data": None}, "must be a string"),
 ]
 
 
