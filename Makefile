@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The IOC and the built-in simulated camera, processing; Ctrl-C stops both.
 demo: $(STAMP)
-	$(BIN)/psss-ioc bench core
+	$(BIN)/psss-ioc demo
 
 test: $(STAMP)
 	$(BIN)/ruff check psss_ioc tests
@@ -22,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/psss-ioc bench core
 	$(BIN)/psss-ioc bench stream
+	$(BIN)/psss-ioc bench e2e
 
 clean:
 	rm -rf $(VENV) build *.egg-info
