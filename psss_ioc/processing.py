@@ -317,13 +317,10 @@ def _column_axis(width: int) -> np.ndarray:
     return axis
 
 
-@dataclass(frozen=True, slots=True)
-class Result:
-    """Everything computed from one frame. Fit values are NaN unless ``fit_ok``."""
+class _FitView:
+    """The fit's values as attributes of a result (both kinds of result carry a `fit`)."""
 
-    spectrum: np.ndarray
-    axis: np.ndarray
-    roi: tuple[int, int]
+    __slots__ = ()
     fit: FitResult
 
     @property
@@ -375,6 +372,16 @@ class Result:
         return self.fit.ok
 
 
+@dataclass(frozen=True, slots=True)
+class Result(_FitView):
+    """Everything computed from one frame. Fit values are NaN unless ``fit_ok``."""
+
+    spectrum: np.ndarray
+    axis: np.ndarray
+    roi: tuple[int, int]
+    fit: FitResult
+
+
 def process(image: np.ndarray, settings: Settings) -> Result:
     """Spectrum and fit of one frame.
 
@@ -409,25 +416,13 @@ def warm_up() -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class AveragedResult:
+class AveragedResult(_FitView):
     """Mean spectrum of the last ``count`` shots and its fit."""
 
     spectrum: np.ndarray
     axis: np.ndarray
     count: int
     fit: FitResult
-
-    @property
-    def center(self) -> float:
-        return self.fit.center
-
-    @property
-    def fwhm(self) -> float:
-        return self.fit.fwhm
-
-    @property
-    def fit_status(self) -> FitStatus:
-        return self.fit.status
 
 
 class RunningAverage:
