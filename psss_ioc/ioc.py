@@ -16,6 +16,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from epicscorelibs.ca.dbr import ca_timestamp
 from softioc import alarm, asyncio_dispatcher, autosave, builder, softioc
 
 from psss_ioc import background as bgfile
-from psss_ioc import pvs
+from psss_ioc import processing, pvs
 from psss_ioc.ioc_config import (
     ENV_AUTOSAVE_DIR,
     ENV_INPUT_MODE,
@@ -580,6 +581,9 @@ def run(config: IocConfig, explicit: set[str] | None = None,
         config.autosave_dir.mkdir(parents=True, exist_ok=True)
         autosave.configure(config.autosave_dir, config.prefix.replace(":", "_"),
                            save_period=config.autosave_period)
+    # Load the compiled kernels from numba's cache (or compile them, first start after an
+    # install) while the IOC boots, instead of on the first frame.
+    threading.Thread(target=processing.warm_up, name="warm-up", daemon=True).start()
     sender = make_sender(config)
     ioc = PsssIoc(config, sender=sender)
     ioc.build()
