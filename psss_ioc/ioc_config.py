@@ -10,6 +10,12 @@ DEFAULT_PREFIX = "SARFE10-PSSS059"
 DEFAULT_OUTPUT_PORT = 8889
 IMAGE_CHANNEL_SUFFIX = ":FPICTURE"
 
+
+def image_channel_for(prefix: str) -> str:
+    """The camera's bsread image channel, `<prefix>:FPICTURE`."""
+    return prefix + IMAGE_CHANNEL_SUFFIX
+
+
 # Environment variables a boot script (st.cmd) may set with epicsEnvSet.
 ENV_PREFIX = "PSSS_PREFIX"
 ENV_INPUT_STREAM = "PSSS_INPUT_STREAM"
@@ -45,4 +51,4 @@ class IocConfig:
 
     @property
     def channel(self) -> str:
-        return self.image_channel or self.prefix + IMAGE_CHANNEL_SUFFIX
+        return self.image_channel or image_channel_for(self.prefix)

@@ -39,15 +39,10 @@ import numpy as np
 
 from psss_ioc import background
 from psss_ioc import bsread_wire as wire
-from psss_ioc.stream import (
-    DEFAULT_PREFIX,
-    SENDER_MODES,
-    BoundSocket,
-    SendStatus,
-    image_channel_for,
-)
+from psss_ioc.fit import FWHM_PER_SIGMA
+from psss_ioc.ioc_config import DEFAULT_PREFIX, image_channel_for
+from psss_ioc.stream import SENDER_MODES, BoundSocket, SendStatus
 
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 DTYPES = ("uint16", "uint32", "int32", "float32", "float64")
 DEFAULT_PORT = 9999
 

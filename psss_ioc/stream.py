@@ -27,6 +27,7 @@ import numpy as np
 import zmq
 
 from psss_ioc import bsread_wire as wire
+from psss_ioc.ioc_config import DEFAULT_OUTPUT_PORT, DEFAULT_PREFIX, image_channel_for
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,7 @@ for _handler in list(_mflow_log.handlers):
     if type(_handler) is logging.StreamHandler:
         _mflow_log.removeHandler(_handler)
 
-DEFAULT_PREFIX = "SARFE10-PSSS059"
-IMAGE_SUFFIX = ":FPICTURE"
-DEFAULT_IMAGE_CHANNEL = DEFAULT_PREFIX + IMAGE_SUFFIX
-DEFAULT_OUTPUT_PORT = 8889
+DEFAULT_IMAGE_CHANNEL = image_channel_for(DEFAULT_PREFIX)
 
 # Output channels are named after the input image channel (CONTRACT.md, "Output stream").
 SPECTRUM_SUFFIX = ".spectrum"
@@ -56,10 +54,6 @@ MISSING_CHANNEL = "missing_channel"
 EMPTY_IMAGE = "empty_image"
 
 _NUMERIC_TYPES = frozenset(t for t in wire.TYPES if t not in ("string", "bool"))
-
-
-def image_channel_for(prefix: str) -> str:
-    return prefix + IMAGE_SUFFIX
 
 
 @dataclass(frozen=True)
