@@ -170,9 +170,11 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
 @click.option("--width", type=int, default=2560, show_default=True)
 @click.option("--ca-port", type=int, default=5064, show_default=True)
 @click.option("--pva-port", type=int, default=5075, show_default=True)
+@click.option("--rest-port", type=int, default=12000, show_default=True,
+              help="Port of the IOC's legacy REST API on 127.0.0.1 (0: off).")
 @click.option("--duration", type=float, default=0.0, help="Stop after this many seconds.")
 def demo_command(prefix: str, rate: float, height: int, width: int, ca_port: int,
-                 pva_port: int, duration: float) -> None:
+                 pva_port: int, rest_port: int, duration: float) -> None:
     """Simulated camera + IOC on this machine, processing; prints the PVs and a live line."""
     import epics  # the demo's own process is a plain CA client of the IOC subprocess
 
@@ -191,7 +193,8 @@ def demo_command(prefix: str, rate: float, height: int, width: int, ca_port: int
     try:
         ioc_proc = subprocess.Popen(
             ioc_command(camera_address, prefix, "--output-port", str(output_port),
-                        "--auto-start", "--autosave-dir", str(workdir / "autosave")),
+                        "--auto-start", "--autosave-dir", str(workdir / "autosave"),
+                        *(["--rest-port", str(rest_port)] if rest_port else ["--no-rest"])),
             env=env, stdin=subprocess.DEVNULL)
         names = {pv.name: pvs.full_name(prefix, pv) for pv in pvs.TABLE}
         center = epics.PV(names[pvs.SPECTRUM_CENTER.name])
@@ -201,7 +204,8 @@ def demo_command(prefix: str, rate: float, height: int, width: int, ca_port: int
             epics.caput(names[pvs.BACKGROUND_FILE.name], str(background), wait=True)
         epics.caput(names[pvs.SPECTRUM_X.name], np.linspace(9000.0, 9100.0, width), wait=True)
         click.echo(f"IOC {prefix} (CA port {ca_port}, PVA port {pva_port}) processing "
-                   f"{camera_address}; output stream tcp://127.0.0.1:{output_port}")
+                   f"{camera_address}; output stream tcp://127.0.0.1:{output_port}"
+                   + (f"; REST http://127.0.0.1:{rest_port}/" if rest_port else ""))
         click.echo("PVs: " + " ".join(names[pv.name] for pv in pvs.TABLE))
         click.echo(f"Try:  EPICS_CA_ADDR_LIST=127.0.0.1 EPICS_CA_AUTO_ADDR_LIST=NO "
                    f"caget {names[pvs.SPECTRUM_FWHM.name]}")

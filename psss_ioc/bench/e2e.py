@@ -125,7 +125,7 @@ class RunningIoc:
         self._log = open(workdir / "ioc.log", "ab")  # noqa: SIM115 (closed in close)
         # The IOC starts on a camera address nobody serves; each run points it at its camera.
         args = ioc_command("tcp://127.0.0.1:1", PREFIX, "--output-port", str(self.output_port),
-                           "--autosave-dir", str(workdir / "autosave"))
+                           "--autosave-dir", str(workdir / "autosave"), "--no-rest")
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         self._pv = {pv.name: epics.PV(pvs.full_name(PREFIX, pv))
