@@ -10,6 +10,7 @@ from psss_ioc import __version__
 from psss_ioc.bench import bench
 from psss_ioc.commands import demo_command, run_command
 from psss_ioc.database import db_command
+from psss_ioc.readme import readme_command
 from psss_ioc.screens import screens_command
 from psss_ioc.simulate import simulate
 
@@ -39,6 +40,7 @@ main.add_command(run_command)
 main.add_command(demo_command)
 main.add_command(screens_command)
 main.add_command(db_command)
+main.add_command(readme_command)
 
 
 if __name__ == "__main__":
