@@ -9,13 +9,13 @@ writes nothing and exits 1 when the file is out of date (a test runs it).
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from psss_ioc import pvs
+from psss_ioc.generated import write_or_check
 
 README_PATH = Path(__file__).resolve().parent.parent / "README.md"
 HELP_WIDTH = 78  # click wraps at the terminal width less 2 (80 columns: 78)
@@ -80,17 +80,5 @@ def render(text: str) -> str:
 def readme_command(output: Path | None, check: bool) -> None:
     """Regenerate the README's PV table and command-line help sections."""
     path = output or README_PATH
-    current = path.read_text(encoding="utf-8")
-    text = render(current)
-    if check:
-        if current != text:
-            click.echo(f"{path} is out of date: run `psss-ioc readme"
-                       f"{' --output ' + str(path) if output else ''}`", err=True)
-            sys.exit(1)
-        click.echo(f"{path} is up to date")
-        return
-    if text != current:
-        path.write_text(text, encoding="utf-8")
-        click.echo(f"wrote {path}")
-    else:
-        click.echo(f"{path} is up to date")
+    write_or_check(path, render(path.read_text(encoding="utf-8")), "readme", check,
+                   output is not None)

@@ -21,7 +21,6 @@ Why a small writer of our own (xml.etree) and not a library:
 
 from __future__ import annotations
 
-import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from enum import Enum
@@ -30,6 +29,7 @@ from pathlib import Path
 import click
 
 from psss_ioc import pvs
+from psss_ioc.generated import write_or_check
 from psss_ioc.ioc_config import DEFAULT_PREFIX
 from psss_ioc.pvs import PV, Kind
 
@@ -484,16 +484,5 @@ def screen_pvs(screen: Screen = SCREEN) -> list[PV]:
               help="Default value of the P macro (the record prefix) in the display.")
 def screens_command(output: Path | None, check: bool, prefix: str) -> None:
     """Generate the Phoebus operator screen (.bob) from the PV table."""
-    path = output or SCREEN_PATH
-    text = render(prefix=prefix)
-    if check:
-        current = path.read_text(encoding="utf-8") if path.exists() else None
-        if current != text:
-            click.echo(f"{path} is out of date: run `psss-ioc screens"
-                       f"{' --output ' + str(path) if output else ''}`", err=True)
-            sys.exit(1)
-        click.echo(f"{path} is up to date")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    click.echo(f"wrote {path} ({len(screen_pvs())} PVs)")
+    write_or_check(output or SCREEN_PATH, render(prefix=prefix), "screens", check,
+                   output is not None)
