@@ -16,6 +16,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -571,6 +572,15 @@ def _serve_rest(ioc: PsssIoc) -> Any:
 def run(config: IocConfig, explicit: set[str] | None = None,
         on_ready: Callable[[PsssIoc], None] | None = None) -> None:
     """Boot and serve until SIGTERM/SIGINT. Does not return normally (epicsExit)."""
+    # Take SIGTERM/SIGINT from the very start: one arriving during boot (before softioc's own
+    # wait_for_quit would install its handlers) must still end in a clean, saving exit.
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stop_requested.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     if config.st_cmd is not None:
         apply_boot_environment(config, run_boot_script(config.st_cmd), explicit or set())
     if config.acf is not None:
@@ -581,9 +591,11 @@ def run(config: IocConfig, explicit: set[str] | None = None,
         config.autosave_dir.mkdir(parents=True, exist_ok=True)
         autosave.configure(config.autosave_dir, config.prefix.replace(":", "_"),
                            save_period=config.autosave_period)
-    # Load the compiled kernels from numba's cache (or compile them, first start after an
-    # install) while the IOC boots, instead of on the first frame.
-    threading.Thread(target=processing.warm_up, name="warm-up", daemon=True).start()
+    # Load the compiled kernels from numba's cache (~0.5 s; the first start after an install
+    # compiles them) before serving, instead of stalling the first frame. Not in a thread: it
+    # would hold the GIL while the main thread still has to reach wait_for_quit, and a SIGTERM
+    # in that window would kill the IOC without saving.
+    processing.warm_up()
     sender = make_sender(config)
     ioc = PsssIoc(config, sender=sender)
     ioc.build()
@@ -604,7 +616,7 @@ def run(config: IocConfig, explicit: set[str] | None = None,
     if on_ready is not None:
         on_ready(ioc)
     try:
-        dispatcher.wait_for_quit()
+        stop_requested.wait()
     finally:
         if rest_server is not None:
             rest_server.stop()

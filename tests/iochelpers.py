@@ -114,7 +114,8 @@ class IocProcess:
         return caput(self.name(pv), value, *options)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def stop(self, timeout: float = 15.0) -> int:
