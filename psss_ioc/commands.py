@@ -31,7 +31,10 @@ def _explicit(ctx: click.Context) -> set[str]:
     }
 
 
-@click.command("run")
+# -h as well as --help also when the command runs on its own (`ioc_command` starts it without
+# the group): click caches a command's help option, so the README's generated help text must
+# not depend on which way the command was first built in a process.
+@click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("input_stream", required=False, default="")
 @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
               help="Record prefix; records are <prefix>:<NAME>.")
