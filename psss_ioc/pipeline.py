@@ -207,6 +207,7 @@ class Pipeline:
         self._log = _RateLimitedLog()
         self._image_shape: tuple[int, int] | None = None
         self._parameters_cache: tuple[Settings, dict[str, Any]] | None = None
+        self._noticed = False
         self._reset_counters()
 
     # ------------------------------------------------------------------ control API
@@ -425,6 +426,7 @@ class Pipeline:
     def _handle(self, frame: FrameLike) -> None:
         t0 = time.perf_counter()
         self._n_received += 1
+        self._noticed = False  # set when this frame published a notice (shape change, reject)
         self._last_frame_time = time.monotonic()
         try:
             self._count_pulse(frame.pulse_id)
@@ -456,7 +458,10 @@ class Pipeline:
                 self._state == State.ERROR
                 and time.monotonic() - self._last_error_time < self.error_hold
             ):
-                self._set_state(State.PROCESSING, f"processing {self._input[0]}")
+                # a notice this frame published (image size changed, setting refused) stays
+                # in MESSAGE: the state change alone shows that processing goes on
+                self._set_state(State.PROCESSING,
+                                "" if self._noticed else f"processing {self._input[0]}")
         except Exception as e:
             self._unexpected(f"processing frame {getattr(frame, 'pulse_id', '?')}", e)
 
@@ -477,6 +482,7 @@ class Pipeline:
                 self._count_error("shape_change")
                 self._log("shape", logging.WARNING, msg)
                 self.publisher.publish_message(msg, error=True)
+                self._noticed = True
 
     def _process(self, image: np.ndarray) -> Result | None:
         """process() with the requested settings; fall back field by field on a mismatch."""
@@ -523,6 +529,7 @@ class Pipeline:
         msg = f"{e}; keeping the previous setting"
         self._log("reject:" + e.kind, logging.WARNING, msg)
         self.publisher.publish_rejected(e.kind, msg, fallback)
+        self._noticed = True
 
     def _add_to_average(self, result: Result, settings: Settings) -> AveragedResult | None:
         if self._average is None or self._average_settings is not settings:
