@@ -414,8 +414,13 @@ class PsssIoc:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.apply_background, value)
 
-    def apply_background(self, path: str) -> bool:
-        """Load a background file and make it current; on error keep the previous one."""
+    def apply_background(self, path: str, restoring: bool = False) -> bool:
+        """Load a background file and make it current; on error keep the previous one.
+
+        A refused file name is put back to the one in force in the record, unless `restoring`
+        (start-up): then the record keeps the saved name, so a file that is only missing for
+        now (a share not mounted yet) is not forgotten by the next autosave.
+        """
         status = self.rec(pvs.BACKGROUND_STATUS)
         path = path.strip()
         if not path:
@@ -428,8 +433,10 @@ class PsssIoc:
             self.pipeline.configure(background=image, background_name=path)
         except ValueError as e:  # BackgroundError is a ValueError, as are Settings errors
             status.set(int(BackgroundState.ERROR))
-            kept = self.pipeline.settings.background_name or "none"
-            self.message(f"background refused: {e}; keeping {kept}", error=True)
+            kept = self.pipeline.settings.background_name
+            self.message(f"background refused: {e}; keeping {kept or 'none'}", error=True)
+            if not restoring:  # a refused name must not be autosaved over the good one
+                self.rec(pvs.BACKGROUND_FILE).set(kept, process=False)
             return False
         status.set(int(BackgroundState.LOADED))
         self.message(f"background loaded from {path} ({image.shape[0]} x {image.shape[1]})")
@@ -453,7 +460,7 @@ class PsssIoc:
             self.message(f"restored AVG_N refused: {e}", error=True)
         path = self.rec(pvs.BACKGROUND_FILE).get()
         if path:
-            self.apply_background(path)
+            self.apply_background(path, restoring=True)
 
     def follow_external_pvs(self) -> None:
         """Mirror external ROI/axis PVs (legacy deployment) into the local records.
