@@ -36,7 +36,7 @@ softioc.non_interactive_ioc()
 @pytest.fixture(scope="module")
 def external_env() -> Iterator[dict[str, str]]:
     """Start the external IOC on CA/PVA ports of its own; yield the env its clients need."""
-    env = loopback_epics_env(free_port_pair(), free_port_pair())
+    env = loopback_epics_env(*_ports_apart_from_the_session())
     proc = subprocess.Popen([sys.executable, "-c", _EXTERNAL_IOC], env={**os.environ, **env},
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT)
@@ -46,6 +46,20 @@ def external_env() -> Iterator[dict[str, str]]:
         yield client_env
     finally:
         stop_process(proc)
+
+
+def _ports_apart_from_the_session() -> tuple[int, int]:
+    """CA and PVA ports for the external IOC that are none of the session's: a port pair is
+    only "free" until an IOC binds it, and two IOCs on one port answer searches unreliably."""
+    taken = {int(EPICS_ENV[k]) + d for k in ("EPICS_CA_SERVER_PORT", "EPICS_PVA_SERVER_PORT")
+             for d in (-1, 0, 1)}
+    ports: list[int] = []
+    while len(ports) < 2:
+        port = free_port_pair()
+        if not ({port, port + 1} & taken):
+            taken |= {port - 1, port, port + 1}
+            ports.append(port)
+    return ports[0], ports[1]
 
 
 def _ext_get(name: str, env: dict[str, str]) -> str | None:
