@@ -470,6 +470,12 @@ class PsssIoc:
         """
         if not (self.config.roi_pvs or self.config.axis_pv):
             return
+        # pyepics must use the libca this IOC already runs (epicscorelibs'), not a bundled
+        # second copy: two CA libraries in one process made the IOC's own CA server miss
+        # searches now and then.
+        from epicscorelibs.path import get_lib
+
+        os.environ.setdefault("PYEPICS_LIBCA", get_lib("ca"))
         import epics  # pyepics, only when asked for
 
         external_roi: dict[str, int] = {}

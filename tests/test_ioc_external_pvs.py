@@ -94,8 +94,12 @@ def ioc(external_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
     process.stop()
 
 
-def _roi(ioc: IocProcess) -> tuple[int, int]:
-    return int(ioc.get(pvs.SPC_ROI_YMIN)), int(ioc.get(pvs.SPC_ROI_YMAX))
+def _roi(ioc: IocProcess) -> tuple[int, int] | None:
+    """The local ROI, or None when a CA search went unanswered (retried by wait_until)."""
+    values = ioc.get(pvs.SPC_ROI_YMIN), ioc.get(pvs.SPC_ROI_YMAX)
+    if not all(v.lstrip("-").isdigit() for v in values):
+        return None
+    return int(values[0]), int(values[1])
 
 
 def test_initial_external_roi_is_taken_over(ioc: IocProcess) -> None:
