@@ -1,11 +1,14 @@
 """Background image files: HDF5 (dataset ``/image``, as the legacy service wrote them) or ``.npy``.
 
 Reading validates and raises `BackgroundError` with a message an operator can act on
-(missing file, unreadable, not HDF5, no ``/image`` dataset, not 2-D, wrong shape).
+(missing file, unreadable, not HDF5, no ``/image`` dataset, not 2-D, wrong shape, outside the
+allowed directories).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -19,14 +22,44 @@ class BackgroundError(ValueError):
     """A background file that cannot be used; the message says why."""
 
 
-def load(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+def confine(path: str | Path, allowed: Sequence[str | Path]) -> Path:
+    """The real path of `path` (``..`` and symlinks resolved) if it lies inside one of the
+    `allowed` directories; BackgroundError saying why otherwise.
+
+    Relative paths are taken relative to the working directory, as when the file is opened.
+    """
+    text = str(path)
+    if "\x00" in text:
+        raise BackgroundError("background file name must not contain a NUL character")
+    roots = [Path(os.path.realpath(d)) for d in allowed]
+    real = Path(os.path.realpath(text))
+    if any(real.is_relative_to(root) for root in roots):
+        return real
+    where = ", ".join(str(r) for r in roots) or "none configured"
+    lexical = Path(os.path.abspath(text))  # `..` removed by name, symlinks not followed
+    if ".." in Path(text).parts:
+        how = "its '..' leads out of them"
+    elif any(lexical.is_relative_to(root) for root in roots):
+        how = f"a symlink leads out of them (to {real})"
+    else:
+        how = "it is outside them"
+    raise BackgroundError(f"background file {text} is not allowed: {how}; allowed "
+                          f"directories: {where} (psss-ioc run --background-path)")
+
+
+def load(path: str | Path, shape: tuple[int, int] | None = None,
+         allowed: Sequence[str | Path] | None = None) -> np.ndarray:
     """Read a background image; `shape` (rows, columns), when given, must match.
 
-    `.npy` files are read with numpy, everything else as HDF5 (dataset ``/image``).
+    `.npy` files are read with numpy, everything else as HDF5 (dataset ``/image``). With
+    `allowed` (directories), the file must lie inside one of them (see `confine`); the file
+    read is then the resolved one, so a link swapped after the check is not followed.
     """
     p = Path(path)
     if not str(path).strip():
         raise BackgroundError("no background file given")
+    if allowed is not None:
+        p = confine(path, allowed)
     if not p.exists():
         raise BackgroundError(f"background file {p} does not exist")
     if not p.is_file():

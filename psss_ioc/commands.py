@@ -71,6 +71,12 @@ def _explicit(ctx: click.Context) -> set[str]:
               help="REST write requests need 'Authorization: Bearer TOKEN' [env PSSS_REST_TOKEN].")
 @click.option("--background-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where REST background uploads go [default: <autosave-dir>/backgrounds].")
+@click.option("--background-path", "background_paths", multiple=True,
+              envvar="PSSS_BACKGROUND_PATH",
+              type=click.Path(file_okay=False, path_type=Path),
+              help="A directory BACKGROUND_FILE may name files in (repeatable; env "
+                   "PSSS_BACKGROUND_PATH, ':'-separated). Files elsewhere, also through '..' or "
+                   "symlinks, are refused [default: the --background-dir only].")
 @click.pass_context
 def run_command(ctx: click.Context, **options: Any) -> None:
     """Run the IOC: records under PREFIX, processing INPUT_STREAM (tcp://host:port).
@@ -105,6 +111,7 @@ def run_command(ctx: click.Context, **options: Any) -> None:
               else (options["rest_host"], options["rest_port"])),
         rest_token=options["rest_token"],
         background_dir=options["background_dir"],
+        background_paths=tuple(options["background_paths"]),
     )
     ioc.run(config, explicit=_explicit(ctx))
 
@@ -197,6 +204,7 @@ def demo_command(prefix: str, rate: float, height: int, width: int, ca_port: int
         ioc_proc = subprocess.Popen(
             ioc_command(camera_address, prefix, "--output-port", str(output_port),
                         "--auto-start", "--autosave-dir", str(workdir / "autosave"),
+                        "--background-path", str(workdir),
                         *(["--rest-port", str(rest_port)] if rest_port else ["--no-rest"])),
             env=env, stdin=subprocess.DEVNULL)
         names = {pv.name: pvs.full_name(prefix, pv) for pv in pvs.TABLE}

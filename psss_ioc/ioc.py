@@ -429,7 +429,8 @@ class PsssIoc:
             self.message("background cleared")
             return True
         try:
-            image = bgfile.load(path, shape=self.pipeline.image_shape)
+            image = bgfile.load(path, shape=self.pipeline.image_shape,
+                                allowed=self.config.allowed_background_dirs())
             self.pipeline.configure(background=image, background_name=path)
         except ValueError as e:  # BackgroundError is a ValueError, as are Settings errors
             status.set(int(BackgroundState.ERROR))

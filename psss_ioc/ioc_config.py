@@ -3,7 +3,8 @@ so the command line can build it without loading EPICS."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_PREFIX = "SARFE10-PSSS059"
@@ -48,7 +49,29 @@ class IocConfig:
     rest: tuple[str, int] | None = None  # legacy REST API (interface, port); None: off
     rest_token: str | None = None  # REST write requests need "Authorization: Bearer <token>"
     background_dir: Path | None = None  # REST uploads [default: <autosave_dir>/backgrounds]
+    # BACKGROUND_FILE must lie inside one of these (after `..` and symlinks are resolved);
+    # empty: the background directory only (see `allowed_background_dirs`)
+    background_paths: tuple[Path, ...] = field(default_factory=tuple)
 
     @property
     def channel(self) -> str:
         return self.image_channel or image_channel_for(self.prefix)
+
+    def allowed_background_dirs(self) -> tuple[Path, ...]:
+        """The directories background files may be read from: the background directory
+        (where REST uploads go) and every ``background_paths`` entry, fully resolved."""
+        dirs = [default_background_dir(self), *self.background_paths]
+        return tuple(dict.fromkeys(Path(os.path.realpath(d)) for d in dirs))
+
+
+def default_background_dir(config: IocConfig) -> Path:
+    """Where uploads go: the configured directory, else next to the autosave files, else the
+    user's state directory (all survive a restart, unlike /tmp)."""
+    configured = getattr(config, "background_dir", None)
+    if configured:
+        return Path(configured)
+    autosave_dir = getattr(config, "autosave_dir", None)
+    if autosave_dir:
+        return Path(autosave_dir) / "backgrounds"
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "psss-ioc" / "backgrounds"

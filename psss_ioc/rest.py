@@ -37,6 +37,7 @@ from aiohttp import web
 
 from psss_ioc import background as bgfile
 from psss_ioc import pvs
+from psss_ioc.ioc_config import default_background_dir
 from psss_ioc.pvs import BackgroundState, State
 
 log = logging.getLogger(__name__)
@@ -203,17 +204,6 @@ def _save_h5(path: Path, image: np.ndarray) -> None:
         f.create_dataset(bgfile.HDF5_DATASET, data=image)
 
 
-def default_background_dir(config: Any) -> Path:
-    """Where uploads go: the configured directory, else next to the autosave files, else the
-    user's state directory (all survive a restart, unlike /tmp)."""
-    configured = getattr(config, "background_dir", None)
-    if configured:
-        return Path(configured)
-    autosave_dir = getattr(config, "autosave_dir", None)
-    if autosave_dir:
-        return Path(autosave_dir) / "backgrounds"
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "psss-ioc" / "backgrounds"
 
 
 # ------------------------------------------------------------------------------ the IOC side
@@ -359,8 +349,9 @@ class Controller:
         if path:
             shape = self.ioc.pipeline.image_shape
             loop = asyncio.get_running_loop()
-            try:  # the same check apply_background makes, so the reply can say why
-                await loop.run_in_executor(None, bgfile.load, path, shape)
+            allowed = self.ioc.config.allowed_background_dirs()
+            try:  # the same checks apply_background makes, so the reply can say why
+                await loop.run_in_executor(None, bgfile.load, path, shape, allowed)
             except ValueError as e:
                 raise RequestError(f"background refused: {e}") from None
         await self.put(pvs.BACKGROUND_FILE, path, wait=True)

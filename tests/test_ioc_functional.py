@@ -44,7 +44,8 @@ def sim(workdir: Path) -> Iterator[SimulatorProcess]:
 
 @pytest.fixture(scope="module")
 def ioc(sim: SimulatorProcess, workdir: Path) -> Iterator[IocProcess]:
-    proc = IocProcess(PREFIX, [sim.address, "--output-port", "0", "--auto-start"],
+    proc = IocProcess(PREFIX, [sim.address, "--output-port", "0", "--auto-start",
+                               "--background-path", str(workdir)],
                       EPICS_ENV, workdir / "ioc.log")
     try:
         yield proc

@@ -64,7 +64,8 @@ def test_stream_loss_and_return(sim_port: int, tmp_path: Path) -> None:
 def test_restart_restores_settings(sim: SimulatorProcess, tmp_path: Path) -> None:
     autosave = tmp_path / "autosave"
     args = [sim.address, "--output-port", "0", "--auto-start", "--autosave-dir", str(autosave),
-            "--autosave-period", "0.5"]
+            "--autosave-period", "0.5", "--background-path",
+            str(sim.background.parent)]  # type: ignore[attr-defined]
     axis = [float(x) for x in np.linspace(9000.0, 9100.0, W)]
     ioc = IocProcess(PREFIX, args, EPICS_ENV, tmp_path / "ioc1.log")
     try:

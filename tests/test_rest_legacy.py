@@ -59,7 +59,8 @@ def rest_port() -> int:
 def ioc(sim: SimulatorProcess, workdir: Path, rest_port: int) -> Iterator[IocProcess]:
     proc = IocProcess(PREFIX, [sim.address, "--output-port", "0", "--auto-start",
                                "--rest-port", str(rest_port), "--autosave-dir",
-                               str(workdir / "autosave")], EPICS_ENV, workdir / "ioc.log")
+                               str(workdir / "autosave"), "--background-path", str(workdir)],
+                      EPICS_ENV, workdir / "ioc.log")
     try:
         wait_until(lambda: _processed(f"http://127.0.0.1:{rest_port}/") > 0, 60,
                    what="frames processed (REST statistics)")
@@ -256,7 +257,7 @@ BAD_PARAMETERS: list[tuple[Any, str]] = [
     ({"fit_enabled": "yes"}, "true or false"),
     ({"min_snr": -1}, "within 0.."),
     ({"background": 5}, "file name"),
-    ({"background": "/no/such/file.h5"}, "does not exist"),
+    ({"background": "/no/such/file.h5"}, "not allowed"),  # outside --background-path
     ({"colour": "red"}, "unknown parameter"),
     ({"roi": [10, 20], "colour": "red"}, "unknown parameter"),
     ({"roi": [10, 20], "average_n": 0}, "within 1..10000"),
@@ -292,7 +293,7 @@ BAD_BACKGROUNDS: list[tuple[Any, str]] = [
     ({"filename": "x.h5", "data": []}, "2-D"),
     ({"filename": "x.h5", "data": "abc"}, "list of rows"),
     ({"filename": 5, "data": None}, "filename must be a string"),
-    ({"filename": "/no/such/dir/bg.h5", "data": None}, "does not exist"),
+    ({"filename": "/no/such/dir/bg.h5", "data": None}, "not allowed"),
     ({"file": "x.h5"}, "unknown field"),
     ([1, 2], "JSON object"),
     # found by the schemathesis fuzz test:
