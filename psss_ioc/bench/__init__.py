@@ -14,11 +14,12 @@ def bench() -> None:
 
 
 def _register() -> None:
-    from psss_ioc.bench import core, e2e, stream
+    from psss_ioc.bench import core, e2e, soak, stream
 
     bench.add_command(core.core)
     bench.add_command(stream.stream)
     bench.add_command(e2e.e2e)
+    bench.add_command(soak.soak)
 
 
 _register()
