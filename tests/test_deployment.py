@@ -197,6 +197,16 @@ def test_every_variable_named_is_read_by_epics_python_numba_systemd_or_the_unit(
                 os.environ.pop(name)
                 if previous is not None:
                     os.environ[name] = previous
+        elif name == "PSSS_BACKGROUND_PATH":  # read by `psss-ioc run` (--background-path)
+            previous = os.environ.get(name)
+            os.environ[name] = f"{tmp_path}/a:{tmp_path}/b"
+            try:
+                assert run_command.make_context("run", []).params["background_paths"] == (
+                    tmp_path / "a", tmp_path / "b")
+            finally:
+                os.environ.pop(name)
+                if previous is not None:
+                    os.environ[name] = previous
         else:
             unread.append(name)
     assert not unread, f"variables nothing reads: {unread}"
