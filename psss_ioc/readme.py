@@ -41,6 +41,10 @@ def help_text(*path: str) -> str:
             raise click.UsageError(f"no subcommand {name!r}")
         command = sub
         ctx = click.Context(command, parent=ctx, info_name=name)
+    # click (8.2+) caches a command's help option the first time one is built; a command that
+    # ran on its own earlier in this process (tests, `ioc_command`) cached plain --help.
+    # Drop the cache so the text is what the console script prints.
+    command._help_option = None
     return command.get_help(ctx)
 
 

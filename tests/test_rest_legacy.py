@@ -193,6 +193,9 @@ def test_roi_through_the_client_applies_to_the_spectrum(
     parameters = client.set_parameters({"roi": [90, 110]})
     assert parameters["roi"] == [90, 110] and parameters["background"] == background
     assert ioc.get(pvs.SPC_ROI_YMIN) == "90" and ioc.get(pvs.SPC_ROI_YMAX) == "110"
+    # on_update runs on the IOC's dispatcher after the put returns: wait for the ROI in force
+    wait_until(lambda: (ioc.get(pvs.ROI_YMIN_RBV), ioc.get(pvs.ROI_YMAX_RBV)) == ("90", "110"),
+               20, what="ROI [90, 110) in force")
     snap = settled(pva, ioc)
     with h5py.File(background) as f:
         bg = f["/image"][()]
