@@ -41,6 +41,7 @@ from psss_ioc.ioc_config import (
 from psss_ioc.pipeline import FrameLike, Pipeline, ResultSink, SourceFactory, Statistics
 from psss_ioc.processing import AveragedResult, Result, Settings
 from psss_ioc.pvs import PV, BackgroundState, Kind, SettingState, State
+from psss_ioc.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +288,9 @@ class PsssIoc:
         self.config = config
         self.records: dict[str, Any] = {}
         self.publisher: RecordPublisher | None = None
+        # MESSAGE shows every notice; the log gets one line per kind per second (a put storm
+        # is 1000 notices a second).
+        self._log_limit = RateLimitedLog(log, period=1.0)
         factory = source_factory or default_source_factory(config)
         self.pipeline = Pipeline(factory, sender=sender,
                                  source_counters=_source_counters)
@@ -325,7 +329,7 @@ class PsssIoc:
         return self.records[pv.name]
 
     def message(self, text: str, error: bool = False) -> None:
-        log.log(logging.WARNING if error else logging.INFO, "%s", text)
+        self._log_limit(text.split(" ", 1)[0], logging.WARNING if error else logging.INFO, text)
         if self.publisher is not None:
             self.publisher.message(text, error)
 

@@ -33,6 +33,7 @@ from psss_ioc.processing import (
     process,
 )
 from psss_ioc.pvs import State
+from psss_ioc.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -143,25 +144,6 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-class _RateLimitedLog:
-    """One log line per key per `period` seconds, with the count of the ones suppressed."""
-
-    def __init__(self, period: float = 10.0) -> None:
-        self.period = period
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def __call__(self, key: str, level: int, msg: str, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        last, suppressed = self._last.get(key, (-1e9, 0))
-        if now - last < self.period:
-            self._last[key] = (last, suppressed + 1)
-            return
-        if suppressed:
-            msg = f"{msg} ({suppressed} similar messages suppressed)"
-        self._last[key] = (now, 0)
-        log.log(level, msg, exc_info=exc_info)
-
-
 class Pipeline:
     """Receive, process, send and publish frames in one worker thread.
 
@@ -204,7 +186,7 @@ class Pipeline:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._state = State.STOPPED
-        self._log = _RateLimitedLog()
+        self._log = RateLimitedLog(log)
         self._image_shape: tuple[int, int] | None = None
         self._parameters_cache: tuple[Settings, dict[str, Any]] | None = None
         self._noticed = False

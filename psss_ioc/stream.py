@@ -28,6 +28,7 @@ import zmq
 
 from psss_ioc import bsread_wire as wire
 from psss_ioc.ioc_config import DEFAULT_OUTPUT_PORT, DEFAULT_PREFIX, image_channel_for
+from psss_ioc.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -97,26 +98,6 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"stream address {address!r} is not tcp://host:port")
     return host, int(port)
-
-
-class _RateLimitedLog:
-    """At most one log line per key per `period` seconds, with a count of those suppressed."""
-
-    def __init__(self, logger: logging.Logger, period: float = 10.0) -> None:
-        self._logger = logger
-        self._period = period
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def __call__(self, key: str, message: str, level: int = logging.WARNING) -> None:
-        now = time.monotonic()
-        last, suppressed = self._last.get(key, (-math.inf, 0))
-        if now - last < self._period:
-            self._last[key] = (last, suppressed + 1)
-            return
-        if suppressed:
-            message = f"{message} ({suppressed} similar messages suppressed)"
-        self._last[key] = (now, 0)
-        self._logger.log(level, message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +177,7 @@ class CameraSource:
         self._reader = wire.MessageReader()
         self._source: bsread.Source | None = None
         self._format: tuple[tuple[int, ...], np.dtype] | None = None
-        self._log = _RateLimitedLog(log)
+        self._log = RateLimitedLog(log)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -302,7 +283,7 @@ class CameraSource:
         else:
             setattr(self.counters, kind, getattr(self.counters, kind) + 1)
         self.counters.last_error = f"skipped message ({kind}): {message}"
-        self._log(kind, f"{self.address}: {self.counters.last_error}")
+        self._log(kind, logging.WARNING, f"{self.address}: {self.counters.last_error}")
 
     def _track_pulse_id(self, pulse_id: int) -> None:
         last = self.counters.last_pulse_id
@@ -318,7 +299,7 @@ class CameraSource:
             self.counters.last_error = (
                 f"image format changed from {_describe(*old)} to {_describe(*fmt)}"
             )
-            self._log("format", f"{self.address}: {self.counters.last_error}")
+            self._log("format", logging.WARNING, f"{self.address}: {self.counters.last_error}")
 
 
 def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
@@ -481,7 +462,7 @@ class ResultSender:
         )
         self._writers: dict[str, wire.MessageWriter] = {}
         self._spectrum_spec: wire.ChannelSpec | None = None
-        self._log = _RateLimitedLog(log)
+        self._log = RateLimitedLog(log)
 
     @property
     def port(self) -> int:
@@ -533,7 +514,7 @@ class ResultSender:
     def _dropped(self, counter: str, message: str) -> bool:
         setattr(self.counters, counter, getattr(self.counters, counter) + 1)
         self.counters.last_error = message
-        self._log(counter, f"output stream: {message}")
+        self._log(counter, logging.WARNING, f"output stream: {message}")
         return False
 
     def _send_image(self, frame: Frame) -> None:

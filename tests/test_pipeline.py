@@ -383,3 +383,21 @@ def test_settings_swap_is_atomic_under_concurrent_configure(rig: Rig) -> None:
     for _, result, _ in rig.recorder.results:
         # fit on <=> roi (0, 10): a mixed pair would mean a half-applied update
         assert (result.roi == (0, 10)) == (result.fit_status.name != "DISABLED")
+
+
+
+def test_log_lines_are_rate_limited_per_kind(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from psss_ioc.ratelimit import RateLimitedLog
+
+    limit = RateLimitedLog(logging.getLogger("psss_ioc.test"), period=0.2)
+    with caplog.at_level(logging.INFO, logger="psss_ioc.test"):
+        for k in range(1000):  # a put storm's worth of notices, at once
+            limit("ROI", logging.INFO, f"ROI set to [{k}, {k + 1}]")
+        limit("background", logging.WARNING, "background refused")  # another kind passes
+        time.sleep(0.25)
+        limit("ROI", logging.INFO, "ROI set to [5, 6]")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["ROI set to [0, 1]", "background refused",
+                     "ROI set to [5, 6] (999 similar messages suppressed)"]
