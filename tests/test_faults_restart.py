@@ -83,7 +83,9 @@ def test_sigterm_saves_and_kill9_restores(tmp_path: Path) -> None:
         assert ioc.get(pvs.SPC_ROI_YMIN) == "40"
         assert ioc.put(pvs.AVG_N, 23).returncode == 0
         assert ioc.put(pvs.FIT_MIN_SNR, 6.5).returncode == 0
-        wait_until(lambda: "23" in _autosaved(autosave), 10, what="periodic save")
+        # both puts must be in one periodic save (one could land between the two puts)
+        wait_until(lambda: "23" in (text := _autosaved(autosave)) and "6.5" in text, 10,
+                   what="periodic save")
         ioc.proc.send_signal(signal.SIGKILL)
         ioc.proc.wait(10)
     finally:
