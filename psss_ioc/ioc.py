@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import math
 import os
 import signal
 import threading
@@ -42,9 +43,11 @@ from psss_ioc.pipeline import FrameLike, Pipeline, ResultSink, SourceFactory, St
 from psss_ioc.processing import AveragedResult, Result, Settings
 from psss_ioc.pvs import PV, BackgroundState, Kind, SettingState, State
 from psss_ioc.ratelimit import RateLimitedLog
+from psss_ioc.record_writer import FrameChainWriter
 
 log = logging.getLogger(__name__)
 
+_EMPTY = np.zeros(0)
 _SEVERITIES = {pvs.NO_ALARM: alarm.NO_ALARM, pvs.MINOR: alarm.MINOR_ALARM,
                pvs.MAJOR: alarm.MAJOR_ALARM, pvs.INVALID: alarm.INVALID_ALARM}
 
@@ -106,8 +109,57 @@ def _timestamp(frame: FrameLike) -> ca_timestamp:
     return t
 
 
+_MBB_STATES = ("ZR", "ON", "TW", "TH", "FR", "FV", "SX", "SV", "EI", "NI", "TE", "EL", "TV",
+               "TT", "FT", "FF")
+_FTVL = {"float64": "DOUBLE", "float32": "FLOAT", "int32": "LONG", "int16": "SHORT",
+         "uint8": "UCHAR", "int64": "INT64"}
+
+
+def build_chained_record(pv: PV, prefix: str, next_pv: PV | None) -> Any:
+    """A record of the frame chain: a plain soft record (no Python device support) that
+    `RecordPublisher` writes and processes through `FrameChainWriter`. The head's TIME is
+    written with the frame's timestamp (TSE=-2: nothing else sets it); the others copy it
+    through TSEL."""
+    head = pvs.FRAME_CHAIN[0]
+    fields: dict[str, Any] = {"DESC": pv.desc, "PINI": "YES"}
+    if pv == head:
+        fields["TSE"] = -2
+    else:
+        fields["TSEL"] = f"{pvs.full_name(prefix, head)}.TIME"
+    if next_pv is not None:
+        fields["FLNK"] = pvs.full_name(prefix, next_pv)
+    if pv.egu:
+        fields["EGU"] = pv.egu
+    if pv.prec is not None:
+        fields["PREC"] = pv.prec
+    if pv.kind == Kind.INT64_IN:
+        return builder.records.int64in(pv.name, MDEL=-1, **fields)
+    if pv.kind == Kind.AI:
+        # a NaN value (no fit) shows as INVALID/UDF: the record says the number is not valid
+        fields.update(MDEL=-1, ADEL=-1, VAL=pv.initial if pv.initial is not None else 0)
+        if pv.low is not None:
+            fields["LOPR"] = pv.low
+        if pv.high is not None:
+            fields["HOPR"] = pv.high
+        return builder.records.ai(pv.name, **fields)
+    if pv.kind == Kind.WAVEFORM_IN:
+        return builder.records.waveform(pv.name, NELM=pv.nelm, FTVL=_FTVL[str(pv.dtype)],
+                                        **fields)
+    if pv.kind == Kind.MBB_IN:
+        for i, ((label, severity), state) in enumerate(zip(pv.options, _MBB_STATES,
+                                                           strict=False)):
+            fields[f"{state}ST"] = label
+            fields[f"{state}VL"] = i
+            fields[f"{state}SV"] = severity
+        fields["VAL"] = pv.initial if pv.initial is not None else 0
+        return builder.records.mbbi(pv.name, **fields)
+    raise ValueError(f"{pv.name}: a {pv.kind.value} record cannot be in the frame chain")
+
+
 def build_record(pv: PV, prefix: str, **callbacks: Any) -> Any:
-    """One softioc record from one PV table entry."""
+    """One record from one PV table entry (softioc's, except the frame chain's)."""
+    if pv in pvs.FRAME_CHAIN:
+        return build_chained_record(pv, prefix, pvs.chain_links(pv)[1])
     fields: dict[str, Any] = {"DESC": pv.desc}
     if pv.egu:
         fields["EGU"] = pv.egu
@@ -201,10 +253,12 @@ def roi_put_order(new: tuple[int, int], current: tuple[int, int]) -> list[tuple[
 class RecordPublisher:
     """The pipeline's Publisher: writes results, state and statistics into the records."""
 
-    def __init__(self, records: dict[str, Any]) -> None:
+    def __init__(self, records: dict[str, Any], prefix: str) -> None:
         self.r = records
+        self._prefix = prefix
         self._axis: np.ndarray | None = None
         self._roi_rbv: tuple[int, int] | None = None
+        self._chain: FrameChainWriter | None = None  # made on first use: needs the database
 
     def _set(self, pv: PV, value: Any, **kw: Any) -> None:
         self.r[pv.name].set(value, **kw)
@@ -213,6 +267,12 @@ class RecordPublisher:
         severity = alarm.MINOR_ALARM if error else alarm.NO_ALARM
         self._set(pvs.MESSAGE, _clip_message(text), severity=severity,
                   alarm=alarm.STATE_ALARM if error else alarm.NO_ALARM)
+
+    def _chain_writer(self) -> FrameChainWriter:
+        if self._chain is None:
+            self._chain = FrameChainWriter(self._name(pvs.FRAME_CHAIN[0]),
+                                           [self._name(pv) for pv in pvs.FRAME_CHAIN])
+        return self._chain
 
     def publish_result(
         self, frame: FrameLike, result: Result, average: AveragedResult | None
@@ -228,23 +288,35 @@ class RecordPublisher:
             self._roi_rbv = result.roi
             self._set(pvs.ROI_YMIN_RBV, result.roi[0])
             self._set(pvs.ROI_YMAX_RBV, result.roi[1])
-        self._set(pvs.SPECTRUM_CENTER, result.center, timestamp=t)
-        self._set(pvs.SPECTRUM_FWHM, result.fwhm, timestamp=t)
-        self._set(pvs.SPECTRUM_AMPLITUDE, result.amplitude, timestamp=t)
-        self._set(pvs.SPECTRUM_OFFSET, result.offset, timestamp=t)
-        self._set(pvs.SPECTRUM_COM, result.com, timestamp=t)
-        self._set(pvs.SPECTRUM_STD, result.rms, timestamp=t)
-        self._set(pvs.FIT_CHI2, result.chi2_reduced, timestamp=t)
+        name = self._name
         curve = result.fit_curve
-        self._set(pvs.SPECTRUM_FIT, curve if curve is not None else np.zeros(0), timestamp=t)
-        self._set(pvs.FIT_STATUS, int(result.fit_status), timestamp=t)
-        self._set(pvs.PULSE_ID, int(frame.pulse_id), timestamp=t)
+        values: dict[str, Any] = {
+            name(pvs.PULSE_ID): int(frame.pulse_id),
+            name(pvs.SPECTRUM_CENTER): result.center,
+            name(pvs.SPECTRUM_FWHM): result.fwhm,
+            name(pvs.SPECTRUM_AMPLITUDE): result.amplitude,
+            name(pvs.SPECTRUM_OFFSET): result.offset,
+            name(pvs.SPECTRUM_COM): result.com,
+            name(pvs.SPECTRUM_STD): result.rms,
+            name(pvs.FIT_CHI2): result.chi2_reduced,
+            name(pvs.FIT_STATUS): int(result.fit_status),
+            name(pvs.SPECTRUM_FIT): curve if curve is not None else _EMPTY,
+            name(pvs.SPECTRUM_Y): result.spectrum,
+        }
         if average is not None:
-            self._set(pvs.SPECTRUM_AVG_Y, average.spectrum, timestamp=t)
-            self._set(pvs.SPECTRUM_AVG_CENTER, average.center, timestamp=t)
-            self._set(pvs.SPECTRUM_AVG_FWHM, average.fwhm, timestamp=t)
-        # last: SPECTRUM_Y triggers the PVA group snapshot
-        self._set(pvs.SPECTRUM_Y, result.spectrum, timestamp=t)
+            values[name(pvs.SPECTRUM_AVG_CENTER)] = average.center
+            values[name(pvs.SPECTRUM_AVG_FWHM)] = average.fwhm
+            values[name(pvs.SPECTRUM_AVG_Y)] = average.spectrum
+        else:  # not averaging: the average records repeat nothing, they show no value
+            values[name(pvs.SPECTRUM_AVG_CENTER)] = math.nan
+            values[name(pvs.SPECTRUM_AVG_FWHM)] = math.nan
+            values[name(pvs.SPECTRUM_AVG_Y)] = _EMPTY
+        # One GIL-free step under the chain's lock: CA and PVA see this frame's values together.
+        sec, ns = frame.timestamp
+        self._chain_writer().write(values, sec, ns)
+
+    def _name(self, pv: PV) -> str:
+        return pvs.full_name(self._prefix, pv)
 
     def publish_state(self, state: State, message: str) -> None:
         self._set(pvs.STATUS, int(state))
@@ -322,7 +394,7 @@ class PsssIoc:
         self.records[pvs.INPUT_STREAM.name].set(self.config.input_stream, process=False)
         self.records[pvs.INPUT_MODE.name].set(
             int(pvs.InputMode[self.config.input_mode.upper()]), process=False)
-        self.publisher = RecordPublisher(self.records)
+        self.publisher = RecordPublisher(self.records, self.config.prefix)
         self.pipeline.publisher = self.publisher
 
     def rec(self, pv: PV) -> Any:

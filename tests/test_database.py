@@ -3,6 +3,7 @@ table says (DESC, EGU, PREC, limits, access group, autosave)."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -73,8 +74,13 @@ def test_fields_say_what_the_table_says(
             assert int(fields["NELM"]) == pv.nelm, pv.name
         assert fields.get("ASG") == (pvs.SETTINGS_ASG if pv.writable else None), pv.name
         assert ("autosaveFields" in info) == pv.autosave, pv.name
-        if pv.timestamped:
-            assert fields["TSE"] == "-2", pv.name
+        if pv.timestamped:  # the frame's timestamp: set by the head, copied along the chain
+            linked, _ = pvs.chain_links(pv)
+            if linked:
+                head = pvs.FRAME_CHAIN[0]
+                assert fields["TSEL"] == f"$(P):{head.name}.TIME", pv.name
+            else:
+                assert fields["TSE"] == "-2", pv.name
         for value, (label, _) in enumerate(pv.options):
             if pv.kind in (Kind.MBB_IN, Kind.MBB_OUT):
                 prefix = ("ZR", "ON", "TW", "TH", "FR", "FV", "SX", "SV")[value]
@@ -87,3 +93,18 @@ def test_pva_group_members_are_tagged() -> None:
     assert text.count("info(Q:group") == len(grouped)
     for pv in grouped:
         assert f'"{pv.group_field}"' in text, pv.name
+
+
+def test_frame_chain_links_every_result_record_once_in_order(
+    records: dict[str, tuple[str, dict[str, str], dict[str, str]]],
+) -> None:
+    chain = pvs.FRAME_CHAIN
+    for pv, next_pv in itertools.pairwise(chain):
+        assert records[f"$(P):{pv.name}"][1]["FLNK"] == f"$(P):{next_pv.name}"
+    for pv in chain:  # processed by the publisher (head) and forward links, nothing else
+        _, fields, _ = records[f"$(P):{pv.name}"]
+        assert fields.get("SCAN", "Passive") == "Passive", pv.name
+        assert "DTYP" not in fields, pv.name  # plain soft record: no Python per frame
+    assert "FLNK" not in records[f"$(P):{chain[-1].name}"][1]
+    assert chain[-1] == pvs.SPECTRUM_Y  # last: its post triggers the PVA group snapshot
+    assert set(chain) == {pv for pv in pvs.TABLE if pv.timestamped} - {pvs.SPECTRUM_AXIS}

@@ -114,6 +114,39 @@ def test_results_equal_process_on_the_same_frames(ioc: IocProcess, pva: Context,
         assert len(stamps) == 1
 
 
+def test_every_group_update_holds_one_frame(ioc: IocProcess, pva: Context,
+                                             camera: SimulatedCamera) -> None:
+    """Monitored, not polled: each PVA group update (posted by the frame chain) carries the
+    spectrum, centre, FWHM and timestamps of the frame its pulse id names, never a mix."""
+    import queue
+    import time
+
+    processing(ioc)
+    updates: queue.Queue[Any] = queue.Queue()
+    sub = pva.monitor(ioc.name(pvs.PVA_GROUP), updates.put, notify_disconnect=True)
+    try:
+        got: list[Any] = []
+        deadline = time.monotonic() + 20
+        while len(got) < 12 and time.monotonic() < deadline:
+            try:
+                got.append(updates.get(timeout=1))
+            except queue.Empty:
+                continue
+    finally:
+        sub.close()
+    assert len(got) >= 12, f"only {len(got)} group updates in 20 s"
+    pulses = [int(snap.pulse_id.value) for snap in got[1:]]  # the first is the current value
+    assert pulses == sorted(set(pulses)), pulses
+    for snap in got[1:]:
+        exp = expected_spectrum(camera, int(snap.pulse_id.value))
+        np.testing.assert_array_equal(np.asarray(snap.spectrum.value), exp.spectrum)
+        np.testing.assert_allclose(snap.center.value, exp.center, rtol=1e-9)
+        np.testing.assert_allclose(snap.fwhm.value, exp.fwhm, rtol=1e-9)
+        stamps = {(f.timeStamp.secondsPastEpoch, f.timeStamp.nanoseconds)
+                  for f in (snap.spectrum, snap.center, snap.fwhm, snap.pulse_id)}
+        assert len(stamps) == 1
+
+
 def test_results_change_frame_by_frame(ioc: IocProcess, pva: Context) -> None:
     processing(ioc)
     first = fresh_snapshot(pva, ioc, 0)
@@ -241,8 +274,14 @@ def test_fit_enable(ioc: IocProcess) -> None:
     processing(ioc)
     ioc.put(pvs.FIT_ENABLE, 0)
     wait_until(lambda: ioc.get(pvs.FIT_STATUS) == "Disabled", what="fit disabled")
+    # no fit: the fitted values say they are not valid, the fitted curve is empty
+    wait_until(lambda: "INVALID" in ioc.get(pvs.SPECTRUM_CENTER, "-a"), what="centre INVALID")
+    assert caget(ioc.name(pvs.SPECTRUM_FIT) + ".NORD") == "0"
+    assert float(ioc.get(pvs.SPECTRUM_COM)) > 0  # moments are still computed
     ioc.put(pvs.FIT_ENABLE, 1)
     wait_until(lambda: ioc.get(pvs.FIT_STATUS) == "OK", what="fit OK")
+    wait_until(lambda: "INVALID" not in ioc.get(pvs.SPECTRUM_CENTER, "-a"), what="centre valid")
+    wait_until(lambda: caget(ioc.name(pvs.SPECTRUM_FIT) + ".NORD") == str(W), what="curve")
 
 
 def test_avg_n_and_average(ioc: IocProcess, pva: Context) -> None:
