@@ -120,11 +120,13 @@ def build_chained_record(pv: PV, prefix: str, next_pv: PV | None) -> Any:
     `RecordPublisher` writes and processes through `FrameChainWriter`. The head's TIME is
     written with the frame's timestamp (TSE=-2: nothing else sets it); the others copy it
     through TSEL."""
-    head = pvs.FRAME_CHAIN[0]
+    chain = pvs.chain_of(pv)
+    assert chain is not None
+    head = chain[0]
     fields: dict[str, Any] = {"DESC": pv.desc, "PINI": "YES"}
-    if pv == head:
+    if pv.timestamped and pv == head:
         fields["TSE"] = -2
-    else:
+    elif pv.timestamped:
         fields["TSEL"] = f"{pvs.full_name(prefix, head)}.TIME"
     if next_pv is not None:
         fields["FLNK"] = pvs.full_name(prefix, next_pv)
@@ -133,7 +135,7 @@ def build_chained_record(pv: PV, prefix: str, next_pv: PV | None) -> Any:
     if pv.prec is not None:
         fields["PREC"] = pv.prec
     if pv.kind == Kind.INT64_IN:
-        return builder.records.int64in(pv.name, MDEL=-1, **fields)
+        return builder.records.int64in(pv.name, MDEL=-1, VAL=pv.initial or 0, **fields)
     if pv.kind == Kind.AI:
         # a NaN value (no fit) shows as INVALID/UDF: the record says the number is not valid
         fields.update(MDEL=-1, ADEL=-1, VAL=pv.initial if pv.initial is not None else 0)
@@ -153,12 +155,12 @@ def build_chained_record(pv: PV, prefix: str, next_pv: PV | None) -> Any:
             fields[f"{state}SV"] = severity
         fields["VAL"] = pv.initial if pv.initial is not None else 0
         return builder.records.mbbi(pv.name, **fields)
-    raise ValueError(f"{pv.name}: a {pv.kind.value} record cannot be in the frame chain")
+    raise ValueError(f"{pv.name}: a {pv.kind.value} record cannot be in a chain")
 
 
 def build_record(pv: PV, prefix: str, **callbacks: Any) -> Any:
     """One record from one PV table entry (softioc's, except the frame chain's)."""
-    if pv in pvs.FRAME_CHAIN:
+    if pvs.chain_of(pv) is not None:
         return build_chained_record(pv, prefix, pvs.chain_links(pv)[1])
     fields: dict[str, Any] = {"DESC": pv.desc}
     if pv.egu:
@@ -258,7 +260,9 @@ class RecordPublisher:
         self._prefix = prefix
         self._axis: np.ndarray | None = None
         self._roi_rbv: tuple[int, int] | None = None
-        self._chain: FrameChainWriter | None = None  # made on first use: needs the database
+        # made on first use (they need the loaded database)
+        self._chain: FrameChainWriter | None = None
+        self._stats_chain: FrameChainWriter | None = None
 
     def _set(self, pv: PV, value: Any, **kw: Any) -> None:
         self.r[pv.name].set(value, **kw)
@@ -324,12 +328,19 @@ class RecordPublisher:
             self.message(message, error=state == State.ERROR)
 
     def publish_statistics(self, stats: Statistics) -> None:
-        self._set(pvs.RATE, float(stats.rate_hz))
-        self._set(pvs.N_PROCESSED, stats.n_processed)
-        self._set(pvs.N_LOST, stats.n_lost)
-        self._set(pvs.N_ERRORS, stats.n_errors)
-        self._set(pvs.N_OUT_DROPPED, stats.n_out_dropped)
-        self._set(pvs.PROC_TIME, float(stats.proc_time_ms))
+        if self._stats_chain is None:
+            self._stats_chain = FrameChainWriter(
+                self._name(pvs.STATS_CHAIN[0]), [self._name(pv) for pv in pvs.STATS_CHAIN],
+                stamped=False)
+        name = self._name
+        self._stats_chain.write({
+            name(pvs.RATE): float(stats.rate_hz),
+            name(pvs.N_PROCESSED): int(stats.n_processed),
+            name(pvs.N_LOST): int(stats.n_lost),
+            name(pvs.N_ERRORS): int(stats.n_errors),
+            name(pvs.N_OUT_DROPPED): int(stats.n_out_dropped),
+            name(pvs.PROC_TIME): float(stats.proc_time_ms),
+        })
 
     def publish_image_shape(self, height: int, width: int) -> None:
         self._set(pvs.IMAGE_HEIGHT, height)

@@ -220,14 +220,6 @@ FRAME_CHAIN: tuple[PV, ...] = (
 )
 
 
-def chain_links(pv: PV) -> tuple[bool, PV | None]:
-    """(processed by the forward link of the record before it, next record) for `pv`."""
-    if pv not in FRAME_CHAIN:
-        return False, None
-    i = FRAME_CHAIN.index(pv)
-    return i > 0, FRAME_CHAIN[i + 1] if i + 1 < len(FRAME_CHAIN) else None
-
-
 # ---------------------------------------------------------------- state of inputs
 BACKGROUND_STATUS = PV(
     "BACKGROUND_STATUS", Kind.MBB_IN, "Background state",
@@ -255,6 +247,26 @@ N_OUT_DROPPED = PV("N_OUT_DROPPED", Kind.INT64_IN, "Output stream messages dropp
                    initial=0)
 PROC_TIME = PV("PROC_TIME", Kind.AI, "Processing time of the last frame", egu="ms", prec=3,
                initial=0.0)
+
+# The statistics (every 0.5 s), the same way: plain records in one chain, written in one step,
+# stamped with the time they are written (TSE 0).
+STATS_CHAIN: tuple[PV, ...] = (RATE, N_PROCESSED, N_LOST, N_ERRORS, N_OUT_DROPPED, PROC_TIME)
+CHAINS: tuple[tuple[PV, ...], ...] = (FRAME_CHAIN, STATS_CHAIN)
+
+
+def chain_of(pv: PV) -> tuple[PV, ...] | None:
+    """The chain of records written together that `pv` belongs to, if any."""
+    return next((chain for chain in CHAINS if pv in chain), None)
+
+
+def chain_links(pv: PV) -> tuple[bool, PV | None]:
+    """(processed by the forward link of the record before it, next record) for `pv`."""
+    chain = chain_of(pv)
+    if chain is None:
+        return False, None
+    i = chain.index(pv)
+    return i > 0, chain[i + 1] if i + 1 < len(chain) else None
+
 
 TABLE: tuple[PV, ...] = tuple(v for v in list(globals().values()) if isinstance(v, PV))
 BY_NAME: dict[str, PV] = {pv.name: pv for pv in TABLE}

@@ -16,6 +16,7 @@ CA clients for as long.
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,7 +61,8 @@ def _publish(lock_record: int, addrs: np.ndarray, dbr_types: np.ndarray, data: n
         s = _put(addrs[i], dbr_types[i], data[i], counts[i])
         if s != 0 and status == 0:
             status = s
-    _memcpy(time_field, stamp.ctypes.data, 8)
+    if time_field != 0:
+        _memcpy(time_field, stamp.ctypes.data, 8)
     s = _process(head_record)
     if s != 0 and status == 0:
         status = s
@@ -84,15 +86,16 @@ class FieldAddress:
 class FrameChainWriter:
     """Writes the values of a chain of records, then stamps and processes its head.
 
-    `head`: the chain's first record (plain, TSE=-2: its TIME is whatever is written to it);
-    `names`: the record fields to write, in a fixed order. Scalars go through preallocated
-    buffers; arrays are passed by address (kept alive by the caller during `write`).
+    `head`: the chain's first record; `stamped`: its TIME is written with the timestamp given
+    to `write` (the record has TSE=-2, so nothing else sets it); otherwise processing stamps
+    it. `names`: the record fields to write. Scalars go through preallocated buffers; arrays
+    are passed by address.
     """
 
-    def __init__(self, head: str, names: Sequence[str]) -> None:
+    def __init__(self, head: str, names: Sequence[str], stamped: bool = True) -> None:
         self.names = tuple(names)
         self.head = FieldAddress(head)
-        self._time = FieldAddress(f"{head}.TIME")
+        self._time_field = FieldAddress(f"{head}.TIME").field if stamped else 0
         # kept: the compiled call gets the addresses of their buffers
         self._targets = targets = [FieldAddress(name) for name in self.names]
         self._index = {name: i for i, name in enumerate(self.names)}
@@ -105,12 +108,17 @@ class FrameChainWriter:
         self._ints = np.zeros(n, dtype=np.int64)
         self._stamp = np.zeros(2, dtype=np.uint32)  # epicsTimeStamp: secPastEpoch, nsec
         self._keep: list[np.ndarray] = []
+        self._busy = threading.Lock()  # the buffers above are shared by every write
 
-    def write(self, values: dict[str, Any], posix_seconds: int, nanoseconds: int) -> None:
+    def write(self, values: dict[str, Any], posix_seconds: int = 0, nanoseconds: int = 0) -> None:
         """`values`: name -> float, int or 1-D array (may be empty); every name once."""
         if len(values) != len(self.names):
             missing = set(self.names) - set(values)
             raise KeyError(f"values missing for {sorted(missing)}")
+        with self._busy:
+            self._write(values, posix_seconds, nanoseconds)
+
+    def _write(self, values: dict[str, Any], posix_seconds: int, nanoseconds: int) -> None:
         keep = self._keep
         keep.clear()
         for name, value in values.items():
@@ -134,7 +142,7 @@ class FrameChainWriter:
         self._stamp[0] = max(int(posix_seconds) - POSIX_TO_EPICS_EPOCH, 0)
         self._stamp[1] = int(nanoseconds)
         status = _publish(self.head.record, self._addrs, self._types, self._data,
-                          self._counts, self._time.field, self._stamp, self.head.record)
+                          self._counts, self._time_field, self._stamp, self.head.record)
         keep.clear()
         if status != 0:
             raise RuntimeError(f"writing the frame's records failed (EPICS status {status:#x})")

@@ -108,3 +108,9 @@ def test_frame_chain_links_every_result_record_once_in_order(
     assert "FLNK" not in records[f"$(P):{chain[-1].name}"][1]
     assert chain[-1] == pvs.SPECTRUM_Y  # last: its post triggers the PVA group snapshot
     assert set(chain) == {pv for pv in pvs.TABLE if pv.timestamped} - {pvs.SPECTRUM_AXIS}
+    stats = pvs.STATS_CHAIN
+    for pv, next_pv in itertools.pairwise(stats):
+        assert records[f"$(P):{pv.name}"][1]["FLNK"] == f"$(P):{next_pv.name}"
+    for pv in stats:  # stamped when written: no TSE/TSEL tricks
+        _, fields, _ = records[f"$(P):{pv.name}"]
+        assert "DTYP" not in fields and "TSEL" not in fields and "TSE" not in fields, pv.name
