@@ -21,6 +21,8 @@ def test_bench_e2e_reports_every_case():
     for key in ("rate_hz", "lost", "cpu_ms_per_frame", "ratio", "out_received"):
         assert key in steady
     assert steady["rate_hz"] > 0 and steady["cpu_ms_per_frame"] > 0
+    assert steady["floor_cpu_ms_per_frame"] > 0  # the bare relay ran and relayed frames
+    assert steady["cpu_vs_floor"] == steady["cpu_ms_per_frame"] / steady["floor_cpu_ms_per_frame"]
     assert steady["out_received"] > 0  # the output stream carried the results
     assert rows["ceiling"]["rate_hz"] > 0
     assert 0.0 <= rows["max_lossless"]["ratio"] <= 1.0

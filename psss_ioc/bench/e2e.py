@@ -11,6 +11,9 @@ Cases, measured in one run:
   /proc), output messages received.
 - ``ceiling``: the transport ceiling: the same simulated stream, unthrottled, into a bare
   pyzmq ``recv_multipart`` loop (no IOC).
+- ``transport floor`` (in the ``rate_100hz`` row): CPU per frame of a bare pyzmq relay that
+  receives each frame and forwards it to a consumer, as the IOC's transport must
+  (`bench/relay.py`); ``cpu_vs_floor`` is the IOC's CPU per frame over it.
 - ``max_lossless``: the highest rate tried at which the IOC kept up with no loss, as a ratio to
   the ceiling. Rates are tried from 95% of the ceiling downwards in steps; the IOC stays up and
   is pointed at each new camera through its INPUT_STREAM record, as an operator would.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -102,6 +106,29 @@ def measure_ceiling(height: int, width: int, seconds: float) -> float:
         finally:
             sock.close(0)
             context.term()
+
+
+def measure_transport_floor(rate: float, height: int, width: int, seconds: float) -> float:
+    """CPU ms per frame of a bare relay (receive + forward the image; `bench/relay.py`)."""
+    with SimulatorProcess(_simulator_args(rate, height, width, drop=True)) as camera:
+        proc = subprocess.Popen([sys.executable, "-m", "psss_ioc.bench.relay", camera.address],
+                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().decode()
+            if not line.startswith("relay on "):
+                raise click.ClickException(f"relay did not start: {line!r}")
+            counter = StreamCounter(line.split()[-1])
+            try:
+                time.sleep(2.0)  # connections and warm-up
+                count0, cpu0 = counter.count, process_cpu_seconds(proc.pid)
+                time.sleep(seconds)
+                count1, cpu1 = counter.count, process_cpu_seconds(proc.pid)
+            finally:
+                counter.close()
+        finally:
+            stop_process(proc)
+    return 1e3 * (cpu1 - cpu0) / max(count1 - count0, 1)
 
 
 @dataclass
@@ -219,10 +246,13 @@ def e2e(as_json: bool, duration: float, step_seconds: float, height: int, width:
     if min(duration, step_seconds, rate) <= 0 or height < 8 or width < 8 or max_steps < 1:
         raise click.BadParameter("durations, rate, steps must be > 0, frames at least 8 x 8")
     ceiling = measure_ceiling(height, width, step_seconds)
+    floor = measure_transport_floor(rate, height, width, step_seconds)
     rows: list[dict[str, Any]] = []
     with running_ioc() as ioc:
         steady = run_window(ioc, rate, duration, height, width)
-        rows.append({"case": f"rate_{rate:g}hz", **steady, "ratio": steady["rate_hz"] / rate})
+        rows.append({"case": f"rate_{rate:g}hz", **steady, "ratio": steady["rate_hz"] / rate,
+                     "floor_cpu_ms_per_frame": floor,
+                     "cpu_vs_floor": steady["cpu_ms_per_frame"] / floor})
         best: dict[str, Any] | None = None
         # First ask for (nearly) the ceiling: what the IOC achieves is its throughput; then
         # step down from there until a rate is kept with no loss.

@@ -1,0 +1,49 @@
+"""The transport floor of `bench e2e`: a bare pyzmq relay that does only what the IOC's
+transport must do with each frame - receive it, and forward the same message (image included,
+zero-copy) to an output consumer - and nothing else.
+
+``python -m psss_ioc.bench.relay IN_ADDRESS`` binds a PUSH socket on a free loopback port,
+prints ``relay on tcp://127.0.0.1:PORT`` and relays until SIGTERM. Its CPU time per frame is
+the least CPU any process can spend per frame on this machine to receive and forward an image
+over TCP (two kernel copies of it); the IOC's CPU per frame is compared with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+
+import zmq
+
+
+def relay(in_address: str) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    context = zmq.Context()
+    source = context.socket(zmq.PULL)
+    source.setsockopt(zmq.RCVTIMEO, 200)
+    source.setsockopt(zmq.LINGER, 0)
+    source.connect(in_address)
+    sink = context.socket(zmq.PUSH)
+    sink.setsockopt(zmq.SNDHWM, 10)
+    sink.setsockopt(zmq.LINGER, 0)
+    port = sink.bind_to_random_port("tcp://127.0.0.1")
+    print(f"relay on tcp://127.0.0.1:{port}", flush=True)
+    try:
+        while not stop.is_set():
+            try:
+                parts = source.recv_multipart(copy=False)
+            except zmq.Again:
+                continue
+            with contextlib.suppress(zmq.Again):  # consumer not keeping up: dropped, like the IOC
+                sink.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+    finally:
+        source.close(0)
+        sink.close(0)
+        context.term()
+
+
+if __name__ == "__main__":
+    relay(sys.argv[1])
