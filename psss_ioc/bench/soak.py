@@ -33,6 +33,23 @@ frames). Reported, as one row (``--json``: one JSON object):
 - ``proc_time_ms_p50/p99/max`` over ``proc_time_samples`` PROC_TIME updates;
 - ``ca_updates`` (PULSE_ID monitor updates) and ``out_received`` (output stream messages),
   both to compare with ``processed``.
+
+Reading the RSS curve (issue 7). Most of the IOC's memory that moves is camera frames in
+flight: libzmq's IO thread allocates every received message (10 MB for a full frame) and once
+the first one is freed glibc's dynamic mmap threshold rises above the frame size, so frames
+come from that thread's malloc arena and are reused from there. The arena settles at the most
+frames ever held at once: the input queue (``CameraSource`` queue_size 20), the frame being
+processed, and the output queue (``ResultSender`` queue_size 10; the forwarded image is sent
+zero-copy, so it holds the received buffer until sent). It is bounded by about (20 + 10 + 2)
+frames, and in practice a few frames, reached in the first seconds: a step of 20 to 40 MB
+after ``rss_start`` at 30 Hz, then flat. When the IOC runs with real-time priority available
+(root, or an rtprio limit), iocInit locks all its memory (EPICS ``epicsThreadRealtimeLock``:
+``mlockall(MCL_CURRENT | MCL_FUTURE)``): every mapping is then resident (about 400 MB more:
+shared libraries, 8 MB thread stacks), memory freed inside an arena stays resident, and a
+backlog shows as a short RSS spike (a further arena heap, unmapped again when it empties).
+A slope near 0 after the warm-up with end close to warm is warm-up; a leak shows as a slope
+that stays positive over a longer run. At a rate the IOC cannot keep up with, samples swing
+by up to the queued frames (10 MB each), so compare figures from runs that lost nothing.
 """
 
 from __future__ import annotations
