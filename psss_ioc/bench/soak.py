@@ -41,12 +41,12 @@ come from that thread's malloc arena and are reused from there. The arena settle
 frames ever held at once: the input queue (``CameraSource`` queue_size 20), the frame being
 processed, and the output queue (``ResultSender`` queue_size 10; the forwarded image is sent
 zero-copy, so it holds the received buffer until sent). It is bounded by about (20 + 10 + 2)
-frames, and in practice a few frames, reached in the first seconds: a step of 20 to 40 MB
-after ``rss_start`` at 30 Hz, then flat. When the IOC runs with real-time priority available
-(root, or an rtprio limit), iocInit locks all its memory (EPICS ``epicsThreadRealtimeLock``:
-``mlockall(MCL_CURRENT | MCL_FUTURE)``): every mapping is then resident (about 400 MB more:
-shared libraries, 8 MB thread stacks), memory freed inside an arena stays resident, and a
-backlog shows as a short RSS spike (a further arena heap, unmapped again when it empties).
+frames, and in practice a few frames, reached in the first seconds: a step of 10 to 40 MB
+after ``rss_start`` at 30 Hz, then flat; a backlog shows as a swing that comes back. With
+real-time priority available (root, or an rtprio limit) iocInit locks all memory (EPICS
+``epicsThreadRealtimeLock``: ``mlockall``); the IOC releases that lock (`psss_ioc.memory`).
+Kept (``PSSS_KEEP_MLOCK=1``), memory freed inside an arena stays resident and the RSS
+ratchets up to the largest backlog ever seen.
 A slope near 0 after the warm-up with end close to warm is warm-up; a leak shows as a slope
 that stays positive over a longer run. At a rate the IOC cannot keep up with, samples swing
 by up to the queued frames (10 MB each), so compare figures from runs that lost nothing.
