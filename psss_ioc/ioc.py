@@ -28,7 +28,7 @@ from epicscorelibs.ca.dbr import ca_timestamp
 from softioc import alarm, asyncio_dispatcher, autosave, builder, softioc
 
 from psss_ioc import background as bgfile
-from psss_ioc import processing, pvs
+from psss_ioc import memory, processing, pvs
 from psss_ioc.ioc_config import (
     ENV_AUTOSAVE_DIR,
     ENV_INPUT_MODE,
@@ -704,6 +704,7 @@ def run(config: IocConfig, explicit: set[str] | None = None,
     softioc.devIocStats(pvs.full_name(config.prefix, pvs.IOC_STATS))
     dispatcher = asyncio_dispatcher.AsyncioDispatcher()
     softioc.iocInit(dispatcher, enable_pva=config.enable_pva)
+    memory.release_memory_lock()  # iocInit's mlockall, when real-time priority is available
     ioc.lock_sysreset()
     ioc.apply_restored_settings()
     ioc.follow_external_pvs()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from psss_ioc.pvs import State
 from psss_ioc.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
+
+_NUMBERS = re.compile(r"\d+")
 
 # Which Settings fields a FrameMismatchError kind refers to.
 MISMATCH_FIELDS: dict[str, tuple[str, ...]] = {
@@ -338,7 +341,10 @@ class Pipeline:
         self._count_error("unexpected")
         self._last_error_time = time.monotonic()
         message = f"unexpected error while {where}: {type(exc).__name__}: {exc}"
-        self._log("unexpected:" + where, logging.ERROR, message, exc_info=True)
+        # one rate-limit key per place, not per frame: "processing frame 123" and "... 124" are
+        # the same kind (a key per pulse id logged every frame and grew the key dict forever)
+        key = "unexpected:" + _NUMBERS.sub("N", where)
+        self._log(key, logging.ERROR, message, exc_info=True)
         self._set_state(State.ERROR, message, error=True)
 
     def _run(self) -> None:
