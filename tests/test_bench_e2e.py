@@ -6,12 +6,15 @@ import json
 import subprocess
 import sys
 
+import pytest
 
-def test_bench_e2e_reports_every_case():
+
+@pytest.mark.parametrize("forward", ["--forward-image", "--no-forward-image"])
+def test_bench_e2e_reports_every_case(forward):
     out = subprocess.run(
         [sys.executable, "-m", "psss_ioc.cli", "bench", "e2e", "--json", "--duration", "2",
          "--step-seconds", "1", "--height", "64", "--width", "128", "--rate", "50",
-         "--max-steps", "1"],
+         "--max-steps", "1", forward],
         capture_output=True, text=True, timeout=240,
     )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -108,10 +108,12 @@ def measure_ceiling(height: int, width: int, seconds: float) -> float:
             context.term()
 
 
-def measure_transport_floor(rate: float, height: int, width: int, seconds: float) -> float:
-    """CPU ms per frame of a bare relay (receive + forward the image; `bench/relay.py`)."""
+def measure_transport_floor(rate: float, height: int, width: int, seconds: float,
+                            forward: bool = True) -> float:
+    """CPU ms per frame of a bare relay (receive + forward the frame; `bench/relay.py`)."""
     with SimulatorProcess(_simulator_args(rate, height, width, drop=True)) as camera:
-        proc = subprocess.Popen([sys.executable, "-m", "psss_ioc.bench.relay", camera.address],
+        args = [camera.address, *([] if forward else ["--receive-only"])]
+        proc = subprocess.Popen([sys.executable, "-m", "psss_ioc.bench.relay", *args],
                                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         try:
             assert proc.stdout is not None
@@ -145,14 +147,15 @@ class Sample:
 class RunningIoc:
     """The IOC subprocess plus this process's CA channels to its statistics records."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], forward_image: bool = True) -> None:
         import epics  # this process is a plain CA client of the IOC subprocess
 
         self.output_port = free_port()
         self._log = open(workdir / "ioc.log", "ab")  # noqa: SIM115 (closed in close)
         # The IOC starts on a camera address nobody serves; each run points it at its camera.
         args = ioc_command("tcp://127.0.0.1:1", PREFIX, "--output-port", str(self.output_port),
-                           "--autosave-dir", str(workdir / "autosave"), "--no-rest")
+                           "--autosave-dir", str(workdir / "autosave"), "--no-rest",
+                           *([] if forward_image else ["--no-forward-image"]))
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         self._pv = {pv.name: epics.PV(pvs.full_name(PREFIX, pv))
@@ -218,12 +221,12 @@ def run_window(ioc: RunningIoc, rate: float, seconds: float, height: int, width:
 
 
 @contextmanager
-def running_ioc() -> Iterator[RunningIoc]:
+def running_ioc(forward_image: bool = True) -> Iterator[RunningIoc]:
     ca_port, pva_port = free_port(pair=True), free_port(pair=True)
     env = loopback_epics_env(ca_port, pva_port)
     os.environ.update(env)  # for pyepics in this process, before its CA context starts
     with tempfile.TemporaryDirectory(prefix="psss-bench-e2e-") as tmp:
-        ioc = RunningIoc(Path(tmp), {**os.environ, **env})
+        ioc = RunningIoc(Path(tmp), {**os.environ, **env}, forward_image)
         try:
             yield ioc
         finally:
@@ -240,15 +243,17 @@ def running_ioc() -> Iterator[RunningIoc]:
 @click.option("--rate", default=100.0, show_default=True, help="Rate of the steady run (Hz).")
 @click.option("--max-steps", default=7, show_default=True,
               help="Most rates tried in the search for the lossless maximum.")
+@click.option("--forward-image/--no-forward-image", default=True, show_default=True,
+              help="IOC forwards the image in its output stream (the legacy contract).")
 def e2e(as_json: bool, duration: float, step_seconds: float, height: int, width: int,
-        rate: float, max_steps: int) -> None:
+        rate: float, max_steps: int, forward_image: bool) -> None:
     """End to end: simulated camera -> IOC -> output consumer; loss, CPU, max lossless rate."""
     if min(duration, step_seconds, rate) <= 0 or height < 8 or width < 8 or max_steps < 1:
         raise click.BadParameter("durations, rate, steps must be > 0, frames at least 8 x 8")
     ceiling = measure_ceiling(height, width, step_seconds)
-    floor = measure_transport_floor(rate, height, width, step_seconds)
+    floor = measure_transport_floor(rate, height, width, step_seconds, forward_image)
     rows: list[dict[str, Any]] = []
-    with running_ioc() as ioc:
+    with running_ioc(forward_image) as ioc:
         steady = run_window(ioc, rate, duration, height, width)
         rows.append({"case": f"rate_{rate:g}hz", **steady, "ratio": steady["rate_hz"] / rate,
                      "floor_cpu_ms_per_frame": floor,
@@ -273,4 +278,6 @@ def e2e(as_json: bool, duration: float, step_seconds: float, height: int, width:
         rows.append({"case": "max_lossless", "rate_hz": 0.0, "lost": None, "ratio": 0.0})
     else:
         rows.append({"case": "max_lossless", **best, "ratio": best["requested_hz"] / ceiling})
-    emit(rows, as_json, title=f"bench e2e ({height} x {width}; ratios measured in this run)")
+    image = "image forwarded" if forward_image else "image not forwarded"
+    emit(rows, as_json,
+         title=f"bench e2e ({height} x {width}, {image}; ratios measured in this run)")

@@ -2,8 +2,10 @@
 transport must do with each frame - receive it, and forward the same message (image included,
 zero-copy) to an output consumer - and nothing else.
 
-``python -m psss_ioc.bench.relay IN_ADDRESS`` binds a PUSH socket on a free loopback port,
-prints ``relay on tcp://127.0.0.1:PORT`` and relays until SIGTERM. Its CPU time per frame is
+``python -m psss_ioc.bench.relay IN_ADDRESS [--receive-only]`` binds a PUSH socket on a free
+loopback port, prints ``relay on tcp://127.0.0.1:PORT`` and relays until SIGTERM (with
+``--receive-only`` it forwards only each message's small main header, as an IOC that does not
+forward the image sends only small result messages). Its CPU time per frame is
 the least CPU any process can spend per frame on this machine to receive and forward an image
 over TCP (two kernel copies of it); the IOC's CPU per frame is compared with it.
 """
@@ -18,7 +20,7 @@ import threading
 import zmq
 
 
-def relay(in_address: str) -> None:
+def relay(in_address: str, forward: bool = True) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     context = zmq.Context()
@@ -37,6 +39,8 @@ def relay(in_address: str) -> None:
                 parts = source.recv_multipart(copy=False)
             except zmq.Again:
                 continue
+            if not forward:
+                parts = parts[:1]
             with contextlib.suppress(zmq.Again):  # consumer not keeping up: dropped, like the IOC
                 sink.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
     finally:
@@ -46,4 +50,4 @@ def relay(in_address: str) -> None:
 
 
 if __name__ == "__main__":
-    relay(sys.argv[1])
+    relay(sys.argv[1], forward="--receive-only" not in sys.argv[2:])
