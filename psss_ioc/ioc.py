@@ -296,6 +296,7 @@ class PsssIoc:
                                  source_counters=_source_counters)
         self.pipeline.set_input(config.input_stream, config.input_mode)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._roi_lock = threading.Lock()  # see _put_roi_limit
 
     # -------------------------------------------------------------- building
     def build(self) -> None:
@@ -370,12 +371,29 @@ class PsssIoc:
         return True
 
     def _validate_roi_ymin(self, record: Any, value: int) -> bool:
-        ymax = self.rec(pvs.SPC_ROI_YMAX).get()
-        return self._try_configure("ROI", roi=self._roi(value, ymax))
+        return self._put_roi_limit(0, value)
 
     def _validate_roi_ymax(self, record: Any, value: int) -> bool:
-        ymin = self.rec(pvs.SPC_ROI_YMIN).get()
-        return self._try_configure("ROI", roi=self._roi(ymin, value))
+        return self._put_roi_limit(1, value)
+
+    def _put_roi_limit(self, index: int, value: int) -> bool:
+        """Check and apply one ROI limit (0: ymin, 1: ymax) against the other one.
+
+        softioc validates puts in the CA server thread of each client, so puts to YMIN and
+        YMAX from two clients run at once: reading the other record and configuring must be
+        one step under a lock, and "the other one" is the limit the pipeline was configured
+        with (a record's value only changes after its validate has returned).
+        """
+        with self._roi_lock:
+            pair = list(self.pipeline.settings.roi or (0, 0))
+            pair[index] = int(value)
+            try:
+                self.pipeline.configure(roi=self._roi(*pair))
+                return True
+            except ValueError as e:
+                reason = str(e)
+        self.message(f"ROI refused: {reason}", error=True)
+        return False
 
     def _on_roi(self, value: int) -> None:
         roi = self.pipeline.settings.roi
@@ -452,7 +470,11 @@ class PsssIoc:
         """Autosave restores record values without callbacks: apply them once here."""
         ymin = self.rec(pvs.SPC_ROI_YMIN).get()
         ymax = self.rec(pvs.SPC_ROI_YMAX).get()
-        self._try_configure("restored ROI", roi=self._roi(ymin, ymax))
+        with self._roi_lock:
+            if not self._try_configure("restored ROI", roi=self._roi(ymin, ymax)):
+                # the records must show the ROI in force: the limits are checked against it
+                self.rec(pvs.SPC_ROI_YMIN).set(0, process=False)
+                self.rec(pvs.SPC_ROI_YMAX).set(0, process=False)
         self._try_configure("restored SPECTRUM_X",
                             axis=self._axis_value(self.rec(pvs.SPECTRUM_X).get()))
         self._try_configure("restored FIT_ENABLE",
