@@ -39,7 +39,7 @@ from psss_ioc.ioc_config import (
     IocConfig,
 )
 from psss_ioc.pipeline import FrameLike, Pipeline, ResultSink, SourceFactory, Statistics
-from psss_ioc.processing import AveragedResult, Result, Settings
+from psss_ioc.processing import AveragedResult, FrameMismatchError, Result, Settings
 from psss_ioc.pvs import PV, BackgroundState, Kind, SettingState, State
 from psss_ioc.ratelimit import RateLimitedLog
 
@@ -272,6 +272,17 @@ class RecordPublisher:
             self._set(pvs.AXIS_STATUS, int(SettingState.INVALID))
         self.message(message, error=True)
 
+    def publish_accepted(self, kind: str, message: str, in_force: Settings) -> None:
+        if kind == "roi":
+            self._set(pvs.ROI_STATUS, int(SettingState.OK))
+        elif kind == "background_shape":
+            loaded = in_force.background is not None
+            self._set(pvs.BACKGROUND_STATUS,
+                      int(BackgroundState.LOADED if loaded else BackgroundState.NONE))
+        elif kind == "axis_length":
+            self._set(pvs.AXIS_STATUS, int(SettingState.OK))
+        self.message(message)
+
     def publish_message(self, message: str, error: bool) -> None:
         self.message(message, error)
 
@@ -397,8 +408,17 @@ class PsssIoc:
 
     def _on_roi(self, value: int) -> None:
         roi = self.pipeline.settings.roi
+        text = f"ROI set to {list(roi) if roi else 'whole image'}"
+        shape = self.pipeline.image_shape
+        try:  # taken, but in force only while it fits the frames (the pipeline checks each)
+            if shape is not None:
+                Settings(roi=roi).check_frame(shape)
+        except FrameMismatchError as e:
+            self.rec(pvs.ROI_STATUS).set(int(SettingState.INVALID))
+            self.message(f"{text}, not in force until it fits: {e}", error=True)
+            return
         self.rec(pvs.ROI_STATUS).set(int(SettingState.OK))
-        self.message(f"ROI set to {list(roi) if roi else 'whole image'}")
+        self.message(text)
 
     def _axis_value(self, value: Any) -> np.ndarray | None:
         axis = np.asarray(value, dtype=np.float64)
