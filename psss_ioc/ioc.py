@@ -315,8 +315,10 @@ class PsssIoc:
         cb: dict[str, dict[str, Any]] = {
             pvs.START.name: {"on_update": self._on_start, "blocking": True},
             pvs.STOP.name: {"on_update": self._on_stop, "blocking": True},
-            pvs.INPUT_STREAM.name: {"on_update": self._on_input_stream, "blocking": True},
-            pvs.INPUT_MODE.name: {"on_update": self._on_input_mode, "blocking": True},
+            pvs.INPUT_STREAM.name: {"validate": self._validate_input_stream,
+                                    "on_update": self._on_input_stream, "blocking": True},
+            pvs.INPUT_MODE.name: {"validate": self._validate_input_mode,
+                                  "on_update": self._on_input_mode, "blocking": True},
             pvs.SPC_ROI_YMIN.name: {"validate": self._validate_roi_ymin,
                                     "on_update": self._on_roi},
             pvs.SPC_ROI_YMAX.name: {"validate": self._validate_roi_ymax,
@@ -359,9 +361,30 @@ class PsssIoc:
             return
         await asyncio.get_running_loop().run_in_executor(None, self.pipeline.stop)
 
+    def _validate_input_stream(self, record: Any, value: str) -> bool:
+        """A malformed address is refused (the stream in use stays); empty means no input."""
+        from psss_ioc.stream import parse_address
+
+        if value.strip():
+            try:
+                parse_address(value)
+            except ValueError as e:
+                self.message(f"INPUT_STREAM refused: {e}", error=True)
+                return False
+        return True
+
     async def _on_input_stream(self, value: str) -> None:
         self.pipeline.set_input(value, None)
         self.message(f"input stream set to {value!r}")
+
+    def _validate_input_mode(self, record: Any, value: int) -> bool:
+        """The mbbo takes any state number 0..15, not only the two defined ones."""
+        if value not in {m.value for m in pvs.InputMode}:
+            self.message(f"INPUT_MODE refused: {value} is not one of "
+                         f"{', '.join(f'{m.value} ({m.name})' for m in pvs.InputMode)}",
+                         error=True)
+            return False
+        return True
 
     async def _on_input_mode(self, value: int) -> None:
         mode = pvs.InputMode(value).name

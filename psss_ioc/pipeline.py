@@ -419,7 +419,9 @@ class Pipeline:
         except Exception as e:
             self._count_error("connect")
             self._last_error_time = time.monotonic()
-            self._log("connect", logging.ERROR, f"cannot open {address}: {e}", exc_info=True)
+            # a malformed address (ValueError) is the operator's, not a bug: no traceback
+            self._log("connect", logging.ERROR, f"cannot open {address}: {e}",
+                      exc_info=not isinstance(e, ValueError))
             self._set_state(State.ERROR, f"cannot open input stream {address}: {e}", error=True)
             return None
         self._last_frame_time = None
