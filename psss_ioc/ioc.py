@@ -40,7 +40,7 @@ from psss_ioc.ioc_config import (
     IocConfig,
 )
 from psss_ioc.pipeline import FrameLike, Pipeline, ResultSink, SourceFactory, Statistics
-from psss_ioc.processing import AveragedResult, Result, Settings
+from psss_ioc.processing import AveragedResult, FrameMismatchError, Result, Settings
 from psss_ioc.pvs import PV, BackgroundState, Kind, SettingState, State
 from psss_ioc.ratelimit import RateLimitedLog
 from psss_ioc.record_writer import FrameChainWriter
@@ -355,6 +355,17 @@ class RecordPublisher:
             self._set(pvs.AXIS_STATUS, int(SettingState.INVALID))
         self.message(message, error=True)
 
+    def publish_accepted(self, kind: str, message: str, in_force: Settings) -> None:
+        if kind == "roi":
+            self._set(pvs.ROI_STATUS, int(SettingState.OK))
+        elif kind == "background_shape":
+            loaded = in_force.background is not None
+            self._set(pvs.BACKGROUND_STATUS,
+                      int(BackgroundState.LOADED if loaded else BackgroundState.NONE))
+        elif kind == "axis_length":
+            self._set(pvs.AXIS_STATUS, int(SettingState.OK))
+        self.message(message)
+
     def publish_message(self, message: str, error: bool) -> None:
         self.message(message, error)
 
@@ -379,6 +390,7 @@ class PsssIoc:
                                  source_counters=_source_counters)
         self.pipeline.set_input(config.input_stream, config.input_mode)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._roi_lock = threading.Lock()  # see _put_roi_limit
 
     # -------------------------------------------------------------- building
     def build(self) -> None:
@@ -386,8 +398,10 @@ class PsssIoc:
         cb: dict[str, dict[str, Any]] = {
             pvs.START.name: {"on_update": self._on_start, "blocking": True},
             pvs.STOP.name: {"on_update": self._on_stop, "blocking": True},
-            pvs.INPUT_STREAM.name: {"on_update": self._on_input_stream, "blocking": True},
-            pvs.INPUT_MODE.name: {"on_update": self._on_input_mode, "blocking": True},
+            pvs.INPUT_STREAM.name: {"validate": self._validate_input_stream,
+                                    "on_update": self._on_input_stream, "blocking": True},
+            pvs.INPUT_MODE.name: {"validate": self._validate_input_mode,
+                                  "on_update": self._on_input_mode, "blocking": True},
             pvs.SPC_ROI_YMIN.name: {"validate": self._validate_roi_ymin,
                                     "on_update": self._on_roi},
             pvs.SPC_ROI_YMAX.name: {"validate": self._validate_roi_ymax,
@@ -430,9 +444,30 @@ class PsssIoc:
             return
         await asyncio.get_running_loop().run_in_executor(None, self.pipeline.stop)
 
+    def _validate_input_stream(self, record: Any, value: str) -> bool:
+        """A malformed address is refused (the stream in use stays); empty means no input."""
+        from psss_ioc.stream import parse_address
+
+        if value.strip():
+            try:
+                parse_address(value)
+            except ValueError as e:
+                self.message(f"INPUT_STREAM refused: {e}", error=True)
+                return False
+        return True
+
     async def _on_input_stream(self, value: str) -> None:
         self.pipeline.set_input(value, None)
         self.message(f"input stream set to {value!r}")
+
+    def _validate_input_mode(self, record: Any, value: int) -> bool:
+        """The mbbo takes any state number 0..15, not only the two defined ones."""
+        if value not in {m.value for m in pvs.InputMode}:
+            self.message(f"INPUT_MODE refused: {value} is not one of "
+                         f"{', '.join(f'{m.value} ({m.name})' for m in pvs.InputMode)}",
+                         error=True)
+            return False
+        return True
 
     async def _on_input_mode(self, value: int) -> None:
         mode = pvs.InputMode(value).name
@@ -453,17 +488,43 @@ class PsssIoc:
         return True
 
     def _validate_roi_ymin(self, record: Any, value: int) -> bool:
-        ymax = self.rec(pvs.SPC_ROI_YMAX).get()
-        return self._try_configure("ROI", roi=self._roi(value, ymax))
+        return self._put_roi_limit(0, value)
 
     def _validate_roi_ymax(self, record: Any, value: int) -> bool:
-        ymin = self.rec(pvs.SPC_ROI_YMIN).get()
-        return self._try_configure("ROI", roi=self._roi(ymin, value))
+        return self._put_roi_limit(1, value)
+
+    def _put_roi_limit(self, index: int, value: int) -> bool:
+        """Check and apply one ROI limit (0: ymin, 1: ymax) against the other one.
+
+        softioc validates puts in the CA server thread of each client, so puts to YMIN and
+        YMAX from two clients run at once: reading the other record and configuring must be
+        one step under a lock, and "the other one" is the limit the pipeline was configured
+        with (a record's value only changes after its validate has returned).
+        """
+        with self._roi_lock:
+            pair = list(self.pipeline.settings.roi or (0, 0))
+            pair[index] = int(value)
+            try:
+                self.pipeline.configure(roi=self._roi(*pair))
+                return True
+            except ValueError as e:
+                reason = str(e)
+        self.message(f"ROI refused: {reason}", error=True)
+        return False
 
     def _on_roi(self, value: int) -> None:
         roi = self.pipeline.settings.roi
+        text = f"ROI set to {list(roi) if roi else 'whole image'}"
+        shape = self.pipeline.image_shape
+        try:  # taken, but in force only while it fits the frames (the pipeline checks each)
+            if shape is not None:
+                Settings(roi=roi).check_frame(shape)
+        except FrameMismatchError as e:
+            self.rec(pvs.ROI_STATUS).set(int(SettingState.INVALID))
+            self.message(f"{text}, not in force until it fits: {e}", error=True)
+            return
         self.rec(pvs.ROI_STATUS).set(int(SettingState.OK))
-        self.message(f"ROI set to {list(roi) if roi else 'whole image'}")
+        self.message(text)
 
     def _axis_value(self, value: Any) -> np.ndarray | None:
         axis = np.asarray(value, dtype=np.float64)
@@ -535,7 +596,11 @@ class PsssIoc:
         """Autosave restores record values without callbacks: apply them once here."""
         ymin = self.rec(pvs.SPC_ROI_YMIN).get()
         ymax = self.rec(pvs.SPC_ROI_YMAX).get()
-        self._try_configure("restored ROI", roi=self._roi(ymin, ymax))
+        with self._roi_lock:
+            if not self._try_configure("restored ROI", roi=self._roi(ymin, ymax)):
+                # the records must show the ROI in force: the limits are checked against it
+                self.rec(pvs.SPC_ROI_YMIN).set(0, process=False)
+                self.rec(pvs.SPC_ROI_YMAX).set(0, process=False)
         self._try_configure("restored SPECTRUM_X",
                             axis=self._axis_value(self.rec(pvs.SPECTRUM_X).get()))
         self._try_configure("restored FIT_ENABLE",

@@ -8,6 +8,8 @@ atomically; a frame is always processed with one consistent set.
 Bad input policy: a setting that does not fit the frames (ROI beyond the image height,
 background of another shape, axis of another length) is rejected *at the first frame that
 shows it*: the last good value stays in force and the publisher is told which setting and why.
+The requested value is kept: when the frames fit it again (the camera is back to its size), it
+is in force again by itself and the publisher is told so.
 An unexpected exception is logged with its traceback, shown as state ERROR with the reason for
 a few seconds, counted, and the loop goes on with the next frame.
 """
@@ -84,6 +86,10 @@ class Publisher(Protocol):
         """A requested setting does not fit the frames; `in_force` is what is used instead."""
         ...
 
+    def publish_accepted(self, kind: str, message: str, in_force: Settings) -> None:
+        """A requested setting refused before (`publish_rejected`) fits the frames again."""
+        ...
+
     def publish_message(self, message: str, error: bool) -> None: ...
 
 
@@ -103,6 +109,9 @@ class NullPublisher:
         pass
 
     def publish_rejected(self, kind: str, message: str, in_force: Settings) -> None:
+        pass
+
+    def publish_accepted(self, kind: str, message: str, in_force: Settings) -> None:
         pass
 
     def publish_message(self, message: str, error: bool) -> None:
@@ -145,6 +154,35 @@ def _same(a: Any, b: Any) -> bool:
             and bool(np.array_equal(a, b))
         )
     return bool(a == b)
+
+
+def _is_default(settings: Settings, kind: str) -> bool:
+    default = Settings()
+    return all(_same(getattr(settings, f), getattr(default, f)) for f in MISMATCH_FIELDS[kind])
+
+
+def _requested_text(kind: str, settings: Settings) -> str:
+    if kind == "roi" and settings.roi is not None:
+        return f"ROI rows [{settings.roi[0]}, {settings.roi[1]})"
+    if kind == "background_shape":
+        return f"background {settings.background_name or '(uploaded)'}"
+    if kind == "axis_length" and settings.axis is not None:
+        return f"energy axis of {settings.axis.shape[0]} values"
+    return kind
+
+
+def _in_force_text(kind: str, settings: Settings, shape: tuple[int, ...]) -> str:
+    """What is used instead of a refused setting of `kind`."""
+    if kind == "roi":
+        ymin, ymax = settings.roi if settings.roi is not None else (0, shape[0])
+        return f"using rows [{ymin}, {ymax})"
+    if kind == "background_shape":
+        if settings.background is None:
+            return "using no background"
+        return f"keeping background {settings.background_name or '(uploaded)'}"
+    if settings.axis is None:
+        return "using the column index as axis"
+    return "keeping the previous energy axis"
 
 
 class Pipeline:
@@ -193,6 +231,9 @@ class Pipeline:
         self._image_shape: tuple[int, int] | None = None
         self._parameters_cache: tuple[Settings, dict[str, Any]] | None = None
         self._noticed = False
+        # (requested, image shape, settings used) of the last `_settings_for`
+        self._resolved: tuple[Settings, tuple[int, ...], Settings] | None = None
+        self._refused: dict[str, str] = {}  # kind -> the refusal last published
         self._reset_counters()
 
     # ------------------------------------------------------------------ control API
@@ -384,7 +425,9 @@ class Pipeline:
         except Exception as e:
             self._count_error("connect")
             self._last_error_time = time.monotonic()
-            self._log("connect", logging.ERROR, f"cannot open {address}: {e}", exc_info=True)
+            # a malformed address (ValueError) is the operator's, not a bug: no traceback
+            self._log("connect", logging.ERROR, f"cannot open {address}: {e}",
+                      exc_info=not isinstance(e, ValueError))
             self._set_state(State.ERROR, f"cannot open input stream {address}: {e}", error=True)
             return None
         self._last_frame_time = None
@@ -473,23 +516,46 @@ class Pipeline:
                 self._noticed = True
 
     def _process(self, image: np.ndarray) -> Result | None:
-        """process() with the requested settings; fall back field by field on a mismatch."""
-        settings = self._requested
+        """process() with the settings for this frame's shape (see `_settings_for`)."""
+        settings = self._settings_for(image.shape)
+        if settings is None:
+            return None
+        result = process(image, settings)
+        self._in_force = settings
+        return result
+
+    def _settings_for(self, shape: tuple[int, ...]) -> Settings | None:
+        """The requested settings, with each field that does not fit frames of `shape` (ROI,
+        background, axis) taken from the settings in force, else unset; None: skip the frame.
+
+        The requested settings are never replaced: a value refused for one image size is in
+        force again by itself when the camera returns to a size it fits. Worked out once per
+        change of the requested settings or of the shape, so the per-frame cost is a lookup.
+        """
+        requested = self._requested
+        resolved = self._resolved
+        if resolved is not None and resolved[0] is requested and resolved[1] == shape:
+            return resolved[2]
+        settings = requested
+        refused: dict[str, FrameMismatchError] = {}
         for _ in range(len(MISMATCH_FIELDS) * 2 + 1):
             try:
-                result = process(image, settings)
+                settings.check_frame(shape)
             except FrameMismatchError as e:
                 fallback = self._fallback(settings, e.kind)
                 if fallback is None:
                     self._count_error(f"mismatch_{e.kind}")
                     self._log("mismatch", logging.ERROR, f"frame skipped: {e}")
                     return None
-                self._reject(settings, fallback, e)
+                refused.setdefault(e.kind, e)  # the requested value's reason, not a fallback's
                 settings = fallback
                 continue
-            self._in_force = settings
-            return result
-        return None  # pragma: no cover - every fallback step removes one mismatch
+            break
+        else:  # pragma: no cover - every fallback step removes one mismatch
+            return None
+        self._publish_refusals(requested, refused, settings, shape)
+        self._resolved = (requested, shape, settings)
+        return settings
 
     def _fallback(self, settings: Settings, kind: str) -> Settings | None:
         """The settings with the fields of `kind` taken from the last good ones, else unset."""
@@ -509,15 +575,31 @@ class Pipeline:
         except ValueError:
             return None
 
-    def _reject(self, requested: Settings, fallback: Settings, e: FrameMismatchError) -> None:
-        with self._lock:
-            if self._requested is requested:
-                self._requested = fallback  # the bad value is not retried on every frame
-        self._count_error(f"rejected_{e.kind}")
-        msg = f"{e}; keeping the previous setting"
-        self._log("reject:" + e.kind, logging.WARNING, msg)
-        self.publisher.publish_rejected(e.kind, msg, fallback)
-        self._noticed = True
+    def _publish_refusals(self, requested: Settings, refused: dict[str, FrameMismatchError],
+                          in_force: Settings, shape: tuple[int, ...]) -> None:
+        """Tell the publisher which requested settings stopped or started fitting the frames.
+
+        Only changes are published (a refusal once, not on every frame); a refusal is published
+        again when the refused value or the reason changes.
+        """
+        for kind in MISMATCH_FIELDS:
+            e = refused.get(kind)
+            if e is not None:
+                msg = f"{e}; {_in_force_text(kind, in_force, shape)} until it fits"
+                if self._refused.get(kind) == msg:
+                    continue
+                self._refused[kind] = msg
+                self._count_error(f"rejected_{kind}")
+                self._log("reject:" + kind, logging.WARNING, msg)
+                self.publisher.publish_rejected(kind, msg, in_force)
+                self._noticed = True
+            elif self._refused.pop(kind, None) is not None and not _is_default(requested, kind):
+                # (a setting cleared while refused needs no notice: its put said so)
+                msg = f"{_requested_text(kind, requested)} fits the {shape[0]} x " \
+                      f"{shape[1]} image again: in force"
+                self._log("accept:" + kind, logging.INFO, msg)
+                self.publisher.publish_accepted(kind, msg, in_force)
+                self._noticed = True
 
     def _add_to_average(self, result: Result, settings: Settings) -> AveragedResult | None:
         if self._average is None or self._average_settings is not settings:

@@ -310,15 +310,21 @@ def test_camera_pause_and_return_with_another_image_size(rig: Rig) -> None:
     assert ioc.put(pvs.SPC_ROI_YMIN, 50).returncode == 0
     assert ioc.put(pvs.BACKGROUND_FILE, str(rig.background), "-S").returncode == 0
     assert ioc.get(pvs.BACKGROUND_STATUS) == "Loaded"
+    axis = [9000.0 + 0.5 * i for i in range(W)]
+    assert ioc.put(pvs.SPECTRUM_X, axis).returncode == 0
+    assert ioc.get(pvs.AXIS_STATUS) == "OK"
     rig.camera.stream(100)
     wait_until(lambda: ioc.get(pvs.ROI_YMIN_RBV) == "50", what="ROI in force")
+    assert background_in_force(rig)
 
     # the camera stops for 5 s ...
     wait_until(lambda: ioc.get(pvs.STATUS) == "Waiting for stream", 5, what="Waiting")
     time.sleep(5 - 2.0)
-    # ... and comes back with 120 rows: the ROI (to row 150) and the background no longer fit
+    # ... and comes back with 120 x 128 pixels: the ROI (to row 150), the background and the
+    # energy axis no longer fit
+    small = (120, W // 2)
     before = int(ioc.get(pvs.N_PROCESSED))
-    back = threading.Thread(target=rig.camera.stream, args=(300, (120, W)), daemon=True)
+    back = threading.Thread(target=rig.camera.stream, args=(300, small), daemon=True)
     first_frame = time.monotonic()
     back.start()
     try:
@@ -327,19 +333,31 @@ def test_camera_pause_and_return_with_another_image_size(rig: Rig) -> None:
         assert time.monotonic() - first_frame < 2.0
         wait_until(lambda: ioc.get(pvs.IMAGE_HEIGHT) == "120", what="new height")
         wait_until(lambda: ioc.get(pvs.ROI_STATUS) == "Outside image", what="ROI re-checked")
+        wait_until(lambda: ioc.get(pvs.AXIS_STATUS) == "Wrong length", what="axis re-checked")
         assert ioc.get(pvs.BACKGROUND_STATUS) == "Error"
         text = message(ioc)
-        assert "120" in text and ("background" in text or "ROI" in text), text
+        assert "120" in text or "128" in text, text
         wait_until(lambda: int(ioc.get(pvs.N_PROCESSED)) > before + 50, what="new frames")
         assert ioc.get(pvs.ROI_YMIN_RBV) == "0" and ioc.get(pvs.ROI_YMAX_RBV) == "120"
         assert ioc.get(pvs.STATUS) == "Processing"
+        # the records keep what was put: that is what comes back with the old size
+        assert (ioc.get(pvs.SPC_ROI_YMIN), ioc.get(pvs.SPC_ROI_YMAX)) == ("50", "150")
+        assert ioc.get(pvs.BACKGROUND_FILE, "-S") == str(rig.background)
     finally:
         back.join(30)
-    # back to the old size: processing goes on; settings put now are checked against it
+    # back to the old size: ROI, background and axis are in force again by themselves
     rig.camera.stream(50)
     wait_until(lambda: ioc.get(pvs.IMAGE_HEIGHT) == str(H), what="old height")
-    assert ioc.put(pvs.BACKGROUND_FILE, str(rig.background), "-S").returncode == 0
-    assert ioc.get(pvs.BACKGROUND_STATUS) == "Loaded"
+    wait_until(lambda: ioc.get(pvs.ROI_STATUS) == "OK", what="ROI in force again")
+    text = message(ioc)  # (before the "no frame" notice 2 s after the last frame)
+    assert "again" in text and ("[50, 150)" in text or "dark.h5" in text or "axis" in text), text
+    assert ioc.get(pvs.BACKGROUND_STATUS) == "Loaded" and ioc.get(pvs.AXIS_STATUS) == "OK"
+    assert (ioc.get(pvs.ROI_YMIN_RBV), ioc.get(pvs.ROI_YMAX_RBV)) == ("50", "150")
+    assert background_in_force(rig)
+    assert caget(ioc.name(pvs.SPECTRUM_AXIS) + ".NORD") == str(W)
+    assert caget(ioc.name(pvs.SPECTRUM_AXIS)).split()[1:3] == ["9000", "9000.5"]
+    # settings put now are checked against the old size
+    assert ioc.put(pvs.SPECTRUM_X, []).returncode == 0
     assert ioc.put(pvs.SPC_ROI_YMIN, 0).returncode == 0
     assert ioc.put(pvs.SPC_ROI_YMAX, 0).returncode == 0
     rig.camera.stream(50)

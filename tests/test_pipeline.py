@@ -66,6 +66,7 @@ class Recorder:
     stats: list[Statistics] = field(default_factory=list)
     shapes: list[tuple[int, int]] = field(default_factory=list)
     rejected: list[tuple[str, str, Settings]] = field(default_factory=list)
+    accepted: list[tuple[str, str, Settings]] = field(default_factory=list)
     messages: list[tuple[str, bool]] = field(default_factory=list)
     fail_on: set[int] = field(default_factory=set)
 
@@ -85,6 +86,9 @@ class Recorder:
 
     def publish_rejected(self, kind: str, message: str, in_force: Settings) -> None:
         self.rejected.append((kind, message, in_force))
+
+    def publish_accepted(self, kind: str, message: str, in_force: Settings) -> None:
+        self.accepted.append((kind, message, in_force))
 
     def publish_message(self, message: str, error: bool) -> None:
         self.messages.append((message, error))
@@ -214,12 +218,60 @@ def test_roi_beyond_image_keeps_last_good_roi(rig: Rig) -> None:
     assert len(rig.recorder.rejected) == 1  # not retried on every frame
     kind, message, in_force = rig.recorder.rejected[0]
     assert kind == "roi" and str(H) in message and in_force.roi == (10, 20)
-    assert p.settings.roi == (10, 20)
+    assert "using rows [10, 20)" in message
+    assert p.settings.roi == (10, H + 5)  # still requested: in force when the frames fit it
+    assert p.settings_in_force.roi == (10, 20)
     # another bad ROI: still the last good one
     p.configure(roi=(0, H + 1))
     rig.feed(frame(4))
     wait_until(lambda: len(rig.recorder.results) == 4)
     assert rig.recorder.results[-1][1].roi == (10, 20)
+
+
+def test_settings_refused_for_another_image_size_return_by_themselves(rig: Rig) -> None:
+    """ROI, background and axis fit H x W frames; the camera sends smaller frames for a while
+    (each refused once, the frames processed without them), then H x W again: all three are
+    in force again without being put again, and the publisher is told so, once."""
+    p = rig.pipeline
+    dark = np.full((H, W), 3, dtype=np.uint16)
+    axis = np.linspace(9000.0, 9100.0, W)
+    p.configure(roi=(10, 30), background=dark, background_name="dark.h5", axis=axis)
+    p.start()
+    rig.feed(frame(1))
+    wait_until(lambda: len(rig.recorder.results) == 1)
+    small = [frame(i, make_image(i, H // 2, W // 2)) for i in (2, 3, 4)]
+    rig.feed(*small)
+    wait_until(lambda: len(rig.recorder.results) == 4)
+    kinds = sorted(kind for kind, _, _ in rig.recorder.rejected)
+    assert kinds == ["axis_length", "background_shape", "roi"]  # once each, not per frame
+    for (_, result, _), f in zip(rig.recorder.results[1:], small, strict=True):
+        # none of the three fits (the last good ones neither): whole image, no background
+        np.testing.assert_array_equal(result.spectrum, process(f.image, Settings()).spectrum)
+        assert result.roi == (0, H // 2) and result.axis.shape == (W // 2,)
+    assert p.settings.roi == (10, 30) and p.settings.background_name == "dark.h5"
+    assert not rig.recorder.accepted
+
+    back = frame(5)
+    rig.feed(back, frame(6))
+    wait_until(lambda: len(rig.recorder.results) == 6)
+    result = rig.recorder.results[4][1]
+    expected = process(back.image, Settings(roi=(10, 30), background=dark, axis=axis))
+    np.testing.assert_array_equal(result.spectrum, expected.spectrum)
+    np.testing.assert_array_equal(result.axis, axis)
+    assert sorted(kind for kind, _, _ in rig.recorder.accepted) == kinds
+    messages = {kind: message for kind, message, _ in rig.recorder.accepted}
+    assert "[10, 30)" in messages["roi"] and "again" in messages["roi"]
+    assert "dark.h5" in messages["background_shape"]
+    assert len(rig.recorder.rejected) == 3  # nothing refused any more
+
+    # a setting cleared while refused is not announced when the frames fit again
+    rig.feed(frame(7, make_image(7, H // 2, W // 2)))
+    wait_until(lambda: len(rig.recorder.results) == 7)
+    assert len(rig.recorder.rejected) == 6
+    p.configure(background=None, background_name="")
+    rig.feed(frame(8))
+    wait_until(lambda: len(rig.recorder.results) == 8)
+    assert sorted(kind for kind, _, _ in rig.recorder.accepted[3:]) == ["axis_length", "roi"]
 
 
 def test_first_frame_with_bad_roi_uses_whole_image(rig: Rig) -> None:
