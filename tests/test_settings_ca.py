@@ -345,14 +345,30 @@ def check(rig: Rig, client: Client, model: Model, done: list[tuple[str, object]]
     assert ioc.proc.poll() is None, ioc.log()
     log = ioc.log_path.read_text(errors="replace")
     assert "Traceback" not in log, log[-5000:]
-    axis = np.asarray(client.get(pvs.SPECTRUM_X), dtype=np.float64)
-    records = Model(
-        ymin=int(client.get(pvs.SPC_ROI_YMIN)), ymax=int(client.get(pvs.SPC_ROI_YMAX)),
-        roi_in_force=model.roi_in_force, axis=axis if axis.size else None,
-        background=ioc.get(pvs.BACKGROUND_FILE, "-S"),
-        background_status=str(client.get(pvs.BACKGROUND_STATUS, as_string=True)),
-        avg_n=int(client.get(pvs.AVG_N)), fit=int(client.get(pvs.FIT_ENABLE)),
-        snr=float(client.get(pvs.FIT_MIN_SNR)))
+
+    def read_records() -> Model:
+        axis = np.asarray(client.get(pvs.SPECTRUM_X), dtype=np.float64)
+        return Model(
+            ymin=int(client.get(pvs.SPC_ROI_YMIN)), ymax=int(client.get(pvs.SPC_ROI_YMAX)),
+            roi_in_force=model.roi_in_force, axis=axis if axis.size else None,
+            background=ioc.get(pvs.BACKGROUND_FILE, "-S"),
+            background_status=str(client.get(pvs.BACKGROUND_STATUS, as_string=True)),
+            avg_n=int(client.get(pvs.AVG_N)), fit=int(client.get(pvs.FIT_ENABLE)),
+            snr=float(client.get(pvs.FIT_MIN_SNR)))
+
+    def same_axis(records: Model) -> bool:
+        if model.axis is None or records.axis is None:
+            return model.axis is None and records.axis is None
+        return bool(np.array_equal(records.axis, model.axis))
+
+    # A status set by an on_update callback (asyncio thread) may land a moment after the put
+    # completed; a wrong value stays wrong, so allow a short settling time, then compare.
+    records = read_records()
+    deadline = time.monotonic() + 3.0
+    while not (same_axis(records) and records.background_status == model.background_status) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+        records = read_records()
     assert (records.ymin, records.ymax) == (model.ymin, model.ymax), done
     if model.axis is None:
         assert records.axis is None, done
