@@ -28,7 +28,7 @@ from epicscorelibs.ca.dbr import ca_timestamp
 from softioc import alarm, asyncio_dispatcher, autosave, builder, softioc
 
 from psss_ioc import background as bgfile
-from psss_ioc import memory, processing, pvs
+from psss_ioc import memory, processing, pvs, record_writer
 from psss_ioc.ioc_config import (
     ENV_AUTOSAVE_DIR,
     ENV_INPUT_MODE,
@@ -762,6 +762,7 @@ def run(config: IocConfig, explicit: set[str] | None = None,
     # would hold the GIL while the main thread still has to reach wait_for_quit, and a SIGTERM
     # in that window would kill the IOC without saving.
     processing.warm_up()
+    record_writer.warm_up()
     sender = make_sender(config)
     ioc = PsssIoc(config, sender=sender)
     ioc.build()

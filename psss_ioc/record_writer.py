@@ -70,6 +70,16 @@ def _publish(lock_record: int, addrs: np.ndarray, dbr_types: np.ndarray, data: n
     return status
 
 
+_SIGNATURE = ("int64(int64, uint64[::1], int16[::1], uint64[::1], int64[::1], int64, "
+              "uint32[::1], int64)")
+
+
+def warm_up() -> None:
+    """Compile the publishing call now: compiled on the first frame instead (it cannot be
+    cached), it stalled the IOC ~1 s and the camera dropped the frames it could not queue."""
+    _publish.compile(_SIGNATURE)
+
+
 class FieldAddress:
     """A record field resolved once (the `struct dbAddr` EPICS resolves a PV name to)."""
 

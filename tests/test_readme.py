@@ -102,6 +102,8 @@ NOT_RUN: dict[str, str] = {
         "against pyproject.toml)",
     "psss-ioc bench e2e": "~20 s even with tiny frames, over this module's budget; "
                           "tests/test_bench_e2e.py runs it with tiny frames",
+    "psss-ioc bench soak": "17 min at full size; tests/test_bench_soak.py runs it with tiny "
+                           "frames",
 }
 
 

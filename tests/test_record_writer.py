@@ -21,6 +21,8 @@ SCRIPT = textwrap.dedent('''
     builder.LoadDatabase()
     softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
     names = ["RW:HEAD", "RW:A", "RW:W", "RW:M"]
+    rw.warm_up()
+    assert len(rw._publish.signatures) == 1
     w = rw.FrameChainWriter("RW:HEAD", names)
     def read(name, n=1):
         buf = np.zeros(n)
@@ -33,6 +35,7 @@ SCRIPT = textwrap.dedent('''
     assert read("RW:M")[0] == 1 and read("RW:M.SEVR")[0] == 2  # MAJOR from the state
     w.write({"RW:HEAD": 8, "RW:A": math.nan, "RW:W": np.zeros(0), "RW:M": 0}, 1_700_000_001, 0)
     assert read("RW:W.NORD")[0] == 0 and read("RW:A.SEVR")[0] == 3  # NaN: INVALID
+    assert len(rw._publish.signatures) == 1  # warm_up compiled what the writes use
     for bad in ({"RW:A": 1.0}, {**dict.fromkeys(names, 1.0), "RW:X": 1.0}):
         try:
             w.write(bad, 0, 0)
