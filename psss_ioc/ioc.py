@@ -116,10 +116,10 @@ _FTVL = {"float64": "DOUBLE", "float32": "FLOAT", "int32": "LONG", "int16": "SHO
 
 
 def build_chained_record(pv: PV, prefix: str, next_pv: PV | None) -> Any:
-    """A record of the frame chain: a plain soft record (no Python device support) that
-    `RecordPublisher` writes and processes through `FrameChainWriter`. The head's TIME is
-    written with the frame's timestamp (TSE=-2: nothing else sets it); the others copy it
-    through TSEL."""
+    """A record of one of `pvs.CHAINS`: a plain soft record (no Python device support) that
+    `RecordPublisher` writes and processes through `FrameChainWriter`. In the frame chain the
+    head's TIME is written with the frame's timestamp (TSE=-2: nothing else sets it) and the
+    others copy it through TSEL; the statistics are stamped when processed."""
     chain = pvs.chain_of(pv)
     assert chain is not None
     head = chain[0]
