@@ -260,9 +260,8 @@ class RecordPublisher:
         self._prefix = prefix
         self._axis: np.ndarray | None = None
         self._roi_rbv: tuple[int, int] | None = None
-        # made on first use (they need the loaded database)
-        self._chain: FrameChainWriter | None = None
-        self._stats_chain: FrameChainWriter | None = None
+        # one per chain (by its head's name), made on first use: they need the loaded database
+        self._writers: dict[str, FrameChainWriter] = {}
 
     def _set(self, pv: PV, value: Any, **kw: Any) -> None:
         self.r[pv.name].set(value, **kw)
@@ -272,55 +271,49 @@ class RecordPublisher:
         self._set(pvs.MESSAGE, _clip_message(text), severity=severity,
                   alarm=alarm.STATE_ALARM if error else alarm.NO_ALARM)
 
-    def _chain_writer(self) -> FrameChainWriter:
-        if self._chain is None:
-            self._chain = FrameChainWriter(self._name(pvs.FRAME_CHAIN[0]),
-                                           [self._name(pv) for pv in pvs.FRAME_CHAIN])
-        return self._chain
+    def _write_chain(self, chain: tuple[PV, ...], values: dict[str, Any],
+                     timestamp: tuple[int, int] | None = None) -> None:
+        """All values of one chain (by PV name) in one step; `timestamp` stamps its head."""
+        writer = self._writers.get(chain[0].name)
+        if writer is None:
+            writer = self._writers[chain[0].name] = FrameChainWriter(
+                [pvs.full_name(self._prefix, pv) for pv in chain], timestamp is not None)
+        writer.write([values[pv.name] for pv in chain], *(timestamp or (0, 0)))
 
     def publish_result(
         self, frame: FrameLike, result: Result, average: AveragedResult | None
     ) -> None:
-        t = _timestamp(frame)
         width = result.spectrum.shape[0]
         if width > pvs.MAX_WIDTH:
             raise ValueError(f"spectrum of {width} points exceeds the waveform length")
         if result.axis is not self._axis:
             self._axis = result.axis
-            self._set(pvs.SPECTRUM_AXIS, result.axis, timestamp=t)
+            self._set(pvs.SPECTRUM_AXIS, result.axis, timestamp=_timestamp(frame))
         if result.roi != self._roi_rbv:
             self._roi_rbv = result.roi
             self._set(pvs.ROI_YMIN_RBV, result.roi[0])
             self._set(pvs.ROI_YMAX_RBV, result.roi[1])
-        name = self._name
         curve = result.fit_curve
         values: dict[str, Any] = {
-            name(pvs.PULSE_ID): int(frame.pulse_id),
-            name(pvs.SPECTRUM_CENTER): result.center,
-            name(pvs.SPECTRUM_FWHM): result.fwhm,
-            name(pvs.SPECTRUM_AMPLITUDE): result.amplitude,
-            name(pvs.SPECTRUM_OFFSET): result.offset,
-            name(pvs.SPECTRUM_COM): result.com,
-            name(pvs.SPECTRUM_STD): result.rms,
-            name(pvs.FIT_CHI2): result.chi2_reduced,
-            name(pvs.FIT_STATUS): int(result.fit_status),
-            name(pvs.SPECTRUM_FIT): curve if curve is not None else _EMPTY,
-            name(pvs.SPECTRUM_Y): result.spectrum,
+            pvs.PULSE_ID.name: int(frame.pulse_id),
+            pvs.SPECTRUM_CENTER.name: result.center,
+            pvs.SPECTRUM_FWHM.name: result.fwhm,
+            pvs.SPECTRUM_AMPLITUDE.name: result.amplitude,
+            pvs.SPECTRUM_OFFSET.name: result.offset,
+            pvs.SPECTRUM_COM.name: result.com,
+            pvs.SPECTRUM_STD.name: result.rms,
+            pvs.FIT_CHI2.name: result.chi2_reduced,
+            pvs.FIT_STATUS.name: int(result.fit_status),
+            pvs.SPECTRUM_FIT.name: curve if curve is not None else _EMPTY,
+            pvs.SPECTRUM_Y.name: result.spectrum,
+            # not averaging: the average records show no value rather than repeat an old one
+            pvs.SPECTRUM_AVG_CENTER.name: average.center if average is not None else math.nan,
+            pvs.SPECTRUM_AVG_FWHM.name: average.fwhm if average is not None else math.nan,
+            pvs.SPECTRUM_AVG_Y.name: average.spectrum if average is not None else _EMPTY,
         }
-        if average is not None:
-            values[name(pvs.SPECTRUM_AVG_CENTER)] = average.center
-            values[name(pvs.SPECTRUM_AVG_FWHM)] = average.fwhm
-            values[name(pvs.SPECTRUM_AVG_Y)] = average.spectrum
-        else:  # not averaging: the average records repeat nothing, they show no value
-            values[name(pvs.SPECTRUM_AVG_CENTER)] = math.nan
-            values[name(pvs.SPECTRUM_AVG_FWHM)] = math.nan
-            values[name(pvs.SPECTRUM_AVG_Y)] = _EMPTY
         # One GIL-free step under the chain's lock: CA and PVA see this frame's values together.
         sec, ns = frame.timestamp
-        self._chain_writer().write(values, sec, ns)
-
-    def _name(self, pv: PV) -> str:
-        return pvs.full_name(self._prefix, pv)
+        self._write_chain(pvs.FRAME_CHAIN, values, (int(sec), int(ns)))
 
     def publish_state(self, state: State, message: str) -> None:
         self._set(pvs.STATUS, int(state))
@@ -328,18 +321,13 @@ class RecordPublisher:
             self.message(message, error=state == State.ERROR)
 
     def publish_statistics(self, stats: Statistics) -> None:
-        if self._stats_chain is None:
-            self._stats_chain = FrameChainWriter(
-                self._name(pvs.STATS_CHAIN[0]), [self._name(pv) for pv in pvs.STATS_CHAIN],
-                stamped=False)
-        name = self._name
-        self._stats_chain.write({
-            name(pvs.RATE): float(stats.rate_hz),
-            name(pvs.N_PROCESSED): int(stats.n_processed),
-            name(pvs.N_LOST): int(stats.n_lost),
-            name(pvs.N_ERRORS): int(stats.n_errors),
-            name(pvs.N_OUT_DROPPED): int(stats.n_out_dropped),
-            name(pvs.PROC_TIME): float(stats.proc_time_ms),
+        self._write_chain(pvs.STATS_CHAIN, {
+            pvs.RATE.name: float(stats.rate_hz),
+            pvs.N_PROCESSED.name: int(stats.n_processed),
+            pvs.N_LOST.name: int(stats.n_lost),
+            pvs.N_ERRORS.name: int(stats.n_errors),
+            pvs.N_OUT_DROPPED.name: int(stats.n_out_dropped),
+            pvs.PROC_TIME.name: float(stats.proc_time_ms),
         })
 
     def publish_image_shape(self, height: int, width: int) -> None:

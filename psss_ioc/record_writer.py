@@ -25,8 +25,15 @@ from epicscorelibs.ioc import dbCore
 from numba import njit
 
 # dbFldTypes.h request types (the values softioc.fields reads from EPICS; a test checks them)
+DBR_LONG = 5
+DBR_ULONG = 6
 DBR_INT64 = 7
+DBR_UINT64 = 8
 DBR_DOUBLE = 10
+# Arrays of these dtypes are put as they are (dbPut converts in C); others as float64.
+_ARRAY_TYPES = {np.dtype(np.float64): DBR_DOUBLE, np.dtype(np.uint32): DBR_ULONG,
+                np.dtype(np.int32): DBR_LONG, np.dtype(np.int64): DBR_INT64,
+                np.dtype(np.uint64): DBR_UINT64}
 POSIX_TO_EPICS_EPOCH = 631_152_000  # seconds from 1970-01-01 to 1990-01-01 (EPICS epoch)
 _ADDR_BYTES = 256  # > sizeof(struct dbAddr); only its first two members (pointers) are read
 
@@ -96,19 +103,20 @@ class FieldAddress:
 class FrameChainWriter:
     """Writes the values of a chain of records, then stamps and processes its head.
 
-    `head`: the chain's first record; `stamped`: its TIME is written with the timestamp given
-    to `write` (the record has TSE=-2, so nothing else sets it); otherwise processing stamps
-    it. `names`: the record fields to write. Scalars go through preallocated buffers; arrays
-    are passed by address.
+    `names`: the record fields to write, the chain's head first. `stamped`: the head's TIME is
+    written with the timestamp given to `write` (the record has TSE=-2, so nothing else sets
+    it); otherwise processing stamps it. Scalars go through preallocated buffers; arrays are
+    passed by address.
     """
 
-    def __init__(self, head: str, names: Sequence[str], stamped: bool = True) -> None:
+    def __init__(self, names: Sequence[str], stamped: bool = True) -> None:
         self.names = tuple(names)
-        self.head = FieldAddress(head)
-        self._time_field = FieldAddress(f"{head}.TIME").field if stamped else 0
+        if not self.names:
+            raise ValueError("a chain needs at least its head")
         # kept: the compiled call gets the addresses of their buffers
         self._targets = targets = [FieldAddress(name) for name in self.names]
-        self._index = {name: i for i, name in enumerate(self.names)}
+        self._head = targets[0].record
+        self._time_field = FieldAddress(f"{self.names[0]}.TIME").field if stamped else 0
         self._addrs = np.array([t.address for t in targets], dtype=np.uint64)
         n = len(targets)
         self._types = np.zeros(n, dtype=np.int16)
@@ -120,23 +128,23 @@ class FrameChainWriter:
         self._keep: list[np.ndarray] = []
         self._busy = threading.Lock()  # the buffers above are shared by every write
 
-    def write(self, values: dict[str, Any], posix_seconds: int = 0, nanoseconds: int = 0) -> None:
-        """`values`: name -> float, int or 1-D array (may be empty); every name once."""
+    def write(self, values: Sequence[Any], posix_seconds: int = 0, nanoseconds: int = 0) -> None:
+        """`values`: float, int or 1-D array (may be empty) for each of `names`, in order."""
         if len(values) != len(self.names):
-            missing = set(self.names) - set(values)
-            raise KeyError(f"values missing for {sorted(missing)}")
+            raise ValueError(f"{len(values)} values for the {len(self.names)} records "
+                             f"{', '.join(self.names)}")
         with self._busy:
             self._write(values, posix_seconds, nanoseconds)
 
-    def _write(self, values: dict[str, Any], posix_seconds: int, nanoseconds: int) -> None:
+    def _write(self, values: Sequence[Any], posix_seconds: int, nanoseconds: int) -> None:
         keep = self._keep
         keep.clear()
-        for name, value in values.items():
-            i = self._index[name]
+        for i, value in enumerate(values):
             if isinstance(value, np.ndarray):
-                array = np.ascontiguousarray(value, dtype=np.float64)
+                dbr = _ARRAY_TYPES.get(value.dtype)
+                array = np.ascontiguousarray(value if dbr else value.astype(np.float64))
                 keep.append(array)
-                self._types[i] = DBR_DOUBLE
+                self._types[i] = dbr or DBR_DOUBLE
                 self._data[i] = array.ctypes.data
                 self._counts[i] = array.size
             elif isinstance(value, int | np.integer):
@@ -151,8 +159,8 @@ class FrameChainWriter:
                 self._counts[i] = 1
         self._stamp[0] = max(int(posix_seconds) - POSIX_TO_EPICS_EPOCH, 0)
         self._stamp[1] = int(nanoseconds)
-        status = _publish(self.head.record, self._addrs, self._types, self._data,
-                          self._counts, self._time_field, self._stamp, self.head.record)
+        status = _publish(self._head, self._addrs, self._types, self._data,
+                          self._counts, self._time_field, self._stamp, self._head)
         keep.clear()
         if status != 0:
             raise RuntimeError(f"writing the frame's records failed (EPICS status {status:#x})")

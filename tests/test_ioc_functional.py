@@ -89,6 +89,18 @@ def fresh_snapshot(pva: Context, ioc: IocProcess, after: int) -> Any:
     return wait_until(newer, 10, what="a newer frame")
 
 
+def assert_snapshot_is_its_frame(snap: Any, camera: SimulatedCamera) -> None:
+    """Spectrum, centre and FWHM are process() of the frame the pulse id names, and every
+    field carries that frame's own timestamp (TSE=-2): identical to the ns."""
+    exp = expected_spectrum(camera, int(snap.pulse_id.value))
+    np.testing.assert_array_equal(np.asarray(snap.spectrum.value), exp.spectrum)
+    np.testing.assert_allclose(snap.center.value, exp.center, rtol=1e-9)
+    np.testing.assert_allclose(snap.fwhm.value, exp.fwhm, rtol=1e-9)
+    stamps = {(f.timeStamp.secondsPastEpoch, f.timeStamp.nanoseconds)
+              for f in (snap.spectrum, snap.center, snap.fwhm, snap.pulse_id)}
+    assert len(stamps) == 1
+
+
 def test_processing_after_auto_start(ioc: IocProcess) -> None:
     processing(ioc)
     assert ioc.get(pvs.IMAGE_WIDTH) == str(W) and ioc.get(pvs.IMAGE_HEIGHT) == str(H)
@@ -103,15 +115,7 @@ def test_results_equal_process_on_the_same_frames(ioc: IocProcess, pva: Context,
     processing(ioc)
     for _ in range(3):
         snap = fresh_snapshot(pva, ioc, 0)
-        pid = int(snap.pulse_id.value)
-        exp = expected_spectrum(camera, pid)
-        np.testing.assert_array_equal(np.asarray(snap.spectrum.value), exp.spectrum)
-        np.testing.assert_allclose(snap.center.value, exp.center, rtol=1e-9)
-        np.testing.assert_allclose(snap.fwhm.value, exp.fwhm, rtol=1e-9)
-        # every field carries the frame's own timestamp (TSE=-2): identical to the ns
-        stamps = {(f.timeStamp.secondsPastEpoch, f.timeStamp.nanoseconds)
-                  for f in (snap.spectrum, snap.center, snap.fwhm, snap.pulse_id)}
-        assert len(stamps) == 1
+        assert_snapshot_is_its_frame(snap, camera)
 
 
 def test_every_group_update_holds_one_frame(ioc: IocProcess, pva: Context,
@@ -138,13 +142,7 @@ def test_every_group_update_holds_one_frame(ioc: IocProcess, pva: Context,
     pulses = [int(snap.pulse_id.value) for snap in got[1:]]  # the first is the current value
     assert pulses == sorted(set(pulses)), pulses
     for snap in got[1:]:
-        exp = expected_spectrum(camera, int(snap.pulse_id.value))
-        np.testing.assert_array_equal(np.asarray(snap.spectrum.value), exp.spectrum)
-        np.testing.assert_allclose(snap.center.value, exp.center, rtol=1e-9)
-        np.testing.assert_allclose(snap.fwhm.value, exp.fwhm, rtol=1e-9)
-        stamps = {(f.timeStamp.secondsPastEpoch, f.timeStamp.nanoseconds)
-                  for f in (snap.spectrum, snap.center, snap.fwhm, snap.pulse_id)}
-        assert len(stamps) == 1
+        assert_snapshot_is_its_frame(snap, camera)
 
 
 def test_results_change_frame_by_frame(ioc: IocProcess, pva: Context) -> None:

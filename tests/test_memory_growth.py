@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from psss_ioc.pipeline import Pipeline
+from psss_ioc.pipeline import NullPublisher, Pipeline
 from psss_ioc.processing import Settings
 from psss_ioc.ratelimit import RateLimitedLog
 
@@ -59,7 +59,7 @@ class CountingSource:
         pass
 
 
-class CountingPublisher:
+class CountingPublisher(NullPublisher):
     """Counts results (keeps none); optionally fails on every frame."""
 
     def __init__(self, fail: bool = False) -> None:
@@ -70,21 +70,6 @@ class CountingPublisher:
         self.results += 1
         if self.fail:
             raise RuntimeError(f"publisher failed on frame {frame.pulse_id}")
-
-    def publish_state(self, state: Any, message: str) -> None:
-        pass
-
-    def publish_statistics(self, stats: Any) -> None:
-        pass
-
-    def publish_image_shape(self, height: int, width: int) -> None:
-        pass
-
-    def publish_rejected(self, kind: str, message: str, in_force: Any) -> None:
-        pass
-
-    def publish_message(self, message: str, error: bool) -> None:
-        pass
 
 
 class CountingSender:

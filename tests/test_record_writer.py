@@ -12,7 +12,8 @@ SCRIPT = textwrap.dedent('''
     import math, os, numpy as np
     from softioc import softioc, builder, asyncio_dispatcher, fields
     from psss_ioc import record_writer as rw
-    assert (rw.DBR_INT64, rw.DBR_DOUBLE) == (fields.DBF_INT64, fields.DBF_DOUBLE)
+    assert (rw.DBR_LONG, rw.DBR_ULONG, rw.DBR_INT64, rw.DBR_UINT64, rw.DBR_DOUBLE) == (
+        fields.DBF_LONG, fields.DBF_ULONG, fields.DBF_INT64, fields.DBF_UINT64, fields.DBF_DOUBLE)
     builder.SetDeviceName("RW")
     builder.records.int64in("HEAD", TSE=-2, FLNK="RW:A")
     builder.records.ai("A", TSEL="RW:HEAD.TIME", FLNK="RW:W")
@@ -23,28 +24,32 @@ SCRIPT = textwrap.dedent('''
     names = ["RW:HEAD", "RW:A", "RW:W", "RW:M"]
     rw.warm_up()
     assert len(rw._publish.signatures) == 1
-    w = rw.FrameChainWriter("RW:HEAD", names)
+    w = rw.FrameChainWriter(names)
     def read(name, n=1):
         buf = np.zeros(n)
         from softioc.imports import db_get_field
         db_get_field(name, fields.DBF_DOUBLE, buf.ctypes.data, n)
         return buf
-    w.write({"RW:HEAD": 7, "RW:A": 2.5, "RW:W": np.arange(5.0), "RW:M": 1}, 1_700_000_000, 5)
+    w.write([7, 2.5, np.arange(5.0), 1], 1_700_000_000, 5)
     assert read("RW:HEAD")[0] == 7 and read("RW:A")[0] == 2.5
     assert list(read("RW:W", 5)) == [0, 1, 2, 3, 4] and read("RW:W.NORD")[0] == 5
     assert read("RW:M")[0] == 1 and read("RW:M.SEVR")[0] == 2  # MAJOR from the state
-    w.write({"RW:HEAD": 8, "RW:A": math.nan, "RW:W": np.zeros(0), "RW:M": 0}, 1_700_000_001, 0)
+    w.write([8, math.nan, np.zeros(0), 0], 1_700_000_001, 0)
+    assert read("RW:W.NORD")[0] == 0
+    w.write([9, 1.0, np.arange(3, dtype=np.uint32), 0], 1_700_000_002, 0)  # put as ULONG
+    assert list(read("RW:W", 3)) == [0, 1, 2] and read("RW:W.NORD")[0] == 3
+    w.write([10, math.nan, np.zeros(0), 0], 1_700_000_003, 0)
     assert read("RW:W.NORD")[0] == 0 and read("RW:A.SEVR")[0] == 3  # NaN: INVALID
     assert len(rw._publish.signatures) == 1  # warm_up compiled what the writes use
-    for bad in ({"RW:A": 1.0}, {**dict.fromkeys(names, 1.0), "RW:X": 1.0}):
+    for bad in ([1.0], [1.0] * (len(names) + 1)):
         try:
             w.write(bad, 0, 0)
-        except KeyError:
+        except ValueError:
             pass
         else:
             raise AssertionError(f"accepted {bad}")
     try:
-        rw.FrameChainWriter("RW:HEAD", ["RW:NOPE"])
+        rw.FrameChainWriter(["RW:HEAD", "RW:NOPE"])
     except KeyError as e:
         assert "RW:NOPE" in str(e)
     else:
