@@ -97,6 +97,11 @@ class FitResult:
         return self.status is FitStatus.OK
 
 
+# Loops over the spectrum may reassociate their sums so that LLVM vectorises them: a fastmath
+# subset without the no-NaN/no-inf assumptions (NaN and inf still propagate and are checked).
+_LOOP_MATH = {"reassoc", "contract", "arcp", "nsz"}
+
+
 @njit(cache=True, nogil=True)
 def _robust_noise(y: np.ndarray) -> float:
     """Noise sigma from the median absolute first difference (insensitive to the line).
@@ -121,32 +126,37 @@ def _robust_baseline(y: np.ndarray) -> float:
     return np.median(y[::stride])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
 def _moments(x: np.ndarray, y: np.ndarray, baseline: float) -> tuple[float, float]:
     """Centre of mass and rms width of ``max(y - baseline, 0)``; NaN when there is none."""
     total = 0.0
     first = 0.0
     for i in range(y.shape[0]):
-        w = y[i] - baseline
-        if w > 0.0:
-            total += w
-            first += w * x[i]
+        w = max(y[i] - baseline, 0.0)
+        total += w
+        first += w * x[i]
     if total <= 0.0:
         return math.nan, math.nan
     com = first / total
     second = 0.0
     for i in range(y.shape[0]):
-        w = y[i] - baseline
-        if w > 0.0:
-            second += w * (x[i] - com) ** 2
+        w = max(y[i] - baseline, 0.0)
+        second += w * (x[i] - com) ** 2
     return com, math.sqrt(second / total)
+
+
+@njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
+def _all_finite(values: np.ndarray) -> bool:
+    """True when no value is NaN or infinite (inf * 0 and NaN * 0 are NaN; one vector pass)."""
+    acc = 0.0
+    for i in range(values.shape[0]):
+        acc += values[i] * 0.0
+    return acc == 0.0
 
 
 # Fast exp for the fit's inner loop. libm's exp is an opaque call that stops LLVM from
 # vectorising the loop; this one (Cody-Waite range reduction, degree-12 polynomial, 2**k built
-# in the exponent bits; relative error ~2e-16 on [-700, 0]) vectorises with AVX2. The
-# reductions may be reassociated: a fastmath subset without the no-NaN/no-inf assumptions.
-_LOOP_MATH = {"reassoc", "contract", "arcp", "nsz"}
+# in the exponent bits; relative error ~2e-16 on [-700, 0]) vectorises with AVX2.
 _LN2_HI = 6.93147180369123816490e-01
 _LN2_LO = 1.90821492927058770002e-10
 _LOG2E = 1.4426950408889634
@@ -179,9 +189,11 @@ def _bits_float(typingctx, bits):  # type: ignore[no-untyped-def]
 def _exp_nonpositive(v: float) -> float:
     """exp(v) for v <= 0 (values below -700 are taken as -700, i.e. ~1e-304)."""
     v = max(v, _EXP_MIN_ARG)
-    # floor() and the integral sum below survive the caller's fastmath flags (numba applies
-    # them to inlined callees too); the classic (x + magic) - magic rounding would not.
-    k = math.floor(v * _LOG2E + 0.5)  # round(v / ln 2)
+    # floor() survives the caller's fastmath flags (numba applies them to inlined callees
+    # too); the classic (x + magic) - magic rounding would not. np.floor keeps k a float:
+    # math.floor returns an int, and AVX2 has no vector int64 <-> float64 conversion, so
+    # that one call made LLVM run the whole loop on scalars (1.5x slower).
+    k = np.floor(v * _LOG2E + 0.5)  # round(v / ln 2)
     shifted = k + _ROUNDING_MAGIC
     r = (v - k * _LN2_HI) - k * _LN2_LO  # |r| <= ln(2) / 2
     poly = 1.0 / 479001600.0
@@ -319,9 +331,13 @@ def _predicted_decrease(jtj: np.ndarray, jtr: np.ndarray, step: np.ndarray) -> f
 
 @njit(cache=True, nogil=True)
 def _levenberg_marquardt(
-    x: np.ndarray, y: np.ndarray, p: np.ndarray, max_iterations: int
+    x: np.ndarray, y: np.ndarray, p: np.ndarray, max_iterations: int, e_best: np.ndarray
 ) -> tuple[bool, int, float]:
-    """Minimise chi2 in place on p. Returns (converged, iterations, chi2)."""
+    """Minimise chi2 in place on p. Returns (converged, iterations, chi2).
+
+    On return ``e_best`` holds the unit Gaussian at the final p (the fitted curve is
+    ``p[3] + p[0] * e_best``), so the caller need not evaluate the model once more.
+    """
     jtj = np.empty((4, 4))
     jtr = np.empty(4)
     trial_jtj = np.empty((4, 4))
@@ -330,8 +346,8 @@ def _levenberg_marquardt(
     step = np.empty(4)
     trial = np.empty(4)
     lam = 1e-3
-    e_buf = np.empty(x.shape[0])
-    chi2 = _evaluate(x, y, p, jtj, jtr, e_buf)
+    e_trial = np.empty(x.shape[0])
+    chi2 = _evaluate(x, y, p, jtj, jtr, e_best)
     evaluations_left = 4 * max_iterations  # bounds the work on hopeless data
     for iteration in range(1, max_iterations + 1):
         accepted = False
@@ -350,7 +366,7 @@ def _levenberg_marquardt(
                     trial[j] = p[j] + step[j]
                 if trial[2] != 0.0:
                     evaluations_left -= 1
-                    trial_chi2 = _evaluate(x, y, trial, trial_jtj, trial_jtr, e_buf)
+                    trial_chi2 = _evaluate(x, y, trial, trial_jtj, trial_jtr, e_trial)
                     if trial_chi2 <= chi2:
                         accepted = True
                         break
@@ -367,6 +383,7 @@ def _levenberg_marquardt(
         p[:] = trial
         jtj[:, :] = trial_jtj
         jtr[:] = trial_jtr
+        e_best[:] = e_trial
         chi2 = trial_chi2
         lam = max(lam * 0.1, 1e-12)
         if small_step or decrease <= _FTOL * chi2 or chi2 == 0.0:
@@ -374,7 +391,7 @@ def _levenberg_marquardt(
     return False, max_iterations, chi2
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
 def _start_values(  # type: ignore[no-untyped-def]
     x: np.ndarray, y: np.ndarray, baseline: float, noise: float, min_spacing: float, p: np.ndarray
 ):
@@ -388,10 +405,9 @@ def _start_values(  # type: ignore[no-untyped-def]
     total = 0.0
     first = 0.0
     for i in range(y.shape[0]):
-        w = y[i] - threshold
-        if w > 0.0:
-            total += w
-            first += w * x[i]
+        w = max(y[i] - threshold, 0.0)
+        total += w
+        first += w * x[i]
     if total <= 0.0:  # cannot happen past the signal gate; keep the fit defined anyway
         threshold = baseline
         center = x[np.argmax(y)]
@@ -400,9 +416,8 @@ def _start_values(  # type: ignore[no-untyped-def]
         center = first / total
         second = 0.0
         for i in range(y.shape[0]):
-            w = y[i] - threshold
-            if w > 0.0:
-                second += w * (x[i] - center) ** 2
+            w = max(y[i] - threshold, 0.0)
+            second += w * (x[i] - center) ** 2
         second /= total
     p[0] = y.max() - baseline
     p[1] = center
@@ -410,18 +425,29 @@ def _start_values(  # type: ignore[no-untyped-def]
     p[3] = baseline
 
 
-# Coarse-to-fine: most LM iterations run on a spectrum binned to about this many points; the
-# full-resolution LM then starts next to its minimum and needs only a step or two. The result
-# is the full-resolution least-squares fit either way (the coarse pass only moves the start).
-_COARSE_POINTS = 512
+# Coarse-to-fine: most LM iterations run on the spectrum binned to about 128 points, a few
+# more on about 512; the full-resolution LM then starts next to its minimum and needs only a
+# step or two. The result is the full-resolution least-squares fit either way (the coarse
+# passes only move the start).
+_COARSE_LEVELS = (128, 512)
 
 
 @njit(cache=True, nogil=True)
 def _coarse_fit(x: np.ndarray, y: np.ndarray, p: np.ndarray, max_iterations: int) -> int:
-    """Refine the start values p in place on a binned copy; returns the iterations used."""
-    factor = x.shape[0] // _COARSE_POINTS
-    if factor < 2:
-        return 0
+    """Refine the start values p in place on binned copies; returns the iterations used."""
+    iterations = 0
+    for points in _COARSE_LEVELS:
+        factor = x.shape[0] // points
+        if factor >= 2:
+            iterations += _binned_fit(x, y, p, max_iterations, factor)
+    return iterations
+
+
+@njit(cache=True, nogil=True)
+def _binned_fit(
+    x: np.ndarray, y: np.ndarray, p: np.ndarray, max_iterations: int, factor: int
+) -> int:
+    """LM on y(x) averaged over ``factor`` neighbours; p moves only to a converged result."""
     m = x.shape[0] // factor
     xb = np.empty(m)
     yb = np.empty(m)
@@ -434,7 +460,7 @@ def _coarse_fit(x: np.ndarray, y: np.ndarray, p: np.ndarray, max_iterations: int
         xb[j] = sx / factor
         yb[j] = sy / factor
     trial = p.copy()
-    converged, iterations, _ = _levenberg_marquardt(xb, yb, trial, max_iterations)
+    converged, iterations, _ = _levenberg_marquardt(xb, yb, trial, max_iterations, np.empty(m))
     finite = True
     for j in range(4):
         if not math.isfinite(trial[j]):
@@ -444,22 +470,26 @@ def _coarse_fit(x: np.ndarray, y: np.ndarray, p: np.ndarray, max_iterations: int
     return iterations
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
 def _analyse(
-    x: np.ndarray, y: np.ndarray, fit_enabled: bool, min_snr: float, max_iterations: int
+    x: np.ndarray,
+    y: np.ndarray,
+    fit_enabled: bool,
+    min_snr: float,
+    max_iterations: int,
+    curve: np.ndarray,
 ) -> tuple[int, float, float, float, float, float, int, float, float]:
     """Moments and, if enabled and sensible, the Gaussian fit of y(x).
 
-    Returns (reason code, amplitude, center, sigma, offset, chi2_reduced, iterations, com, rms).
+    Returns (reason code, amplitude, center, sigma, offset, chi2_reduced, iterations, com, rms)
+    and, when the fit succeeded (reason 0), the fitted model on x in ``curve``.
     """
     nan = math.nan
     n = y.shape[0]
-    for i in range(n):
-        if not math.isfinite(x[i]):
-            return 2, nan, nan, nan, nan, nan, 0, nan, nan
-    for i in range(n):
-        if not math.isfinite(y[i]):
-            return 1, nan, nan, nan, nan, nan, 0, nan, nan
+    if not _all_finite(x):
+        return 2, nan, nan, nan, nan, nan, 0, nan, nan
+    if not _all_finite(y):
+        return 1, nan, nan, nan, nan, nan, 0, nan, nan
     if n < MIN_POINTS:
         return 3, nan, nan, nan, nan, nan, 0, nan, nan
     baseline = _robust_baseline(y)
@@ -500,7 +530,8 @@ def _analyse(
     p = np.empty(4)
     _start_values(xs, ys, baseline / y_scale, noise / y_scale, min_spacing, p)
     coarse_iterations = _coarse_fit(xs, ys, p, max_iterations)
-    converged, iterations, chi2 = _levenberg_marquardt(xs, ys, p, max_iterations)
+    unit_gaussian = np.empty(n)
+    converged, iterations, chi2 = _levenberg_marquardt(xs, ys, p, max_iterations, unit_gaussian)
     iterations += coarse_iterations
     amplitude = p[0] * y_scale
     center = p[1] * x_scale + x0
@@ -521,6 +552,8 @@ def _analyse(
         reason = 9
     else:
         reason = 0
+        for i in range(n):
+            curve[i] = offset + amplitude * unit_gaussian[i]
     return reason, amplitude, center, sigma, offset, chi2_reduced, iterations, com, rms
 
 
@@ -555,16 +588,19 @@ def fit_spectrum(
     yf = np.ascontiguousarray(y, dtype=np.float64)
     if xf.ndim != 1 or yf.ndim != 1 or xf.shape != yf.shape:
         return _failed(3, math.nan, math.nan)
+    curve = np.empty(xf.shape[0])
     code, amp, center, sigma, offset, chi2r, iterations, com, rms = _analyse(
-        xf, yf, enabled, float(min_snr), int(max_iterations)
+        xf, yf, enabled, float(min_snr), int(max_iterations), curve
     )
     status = _STATUS_OF_REASON[code]
     if status is not FitStatus.OK:
         return FitResult(
             status, _REASONS[code], *([math.nan] * 5), iterations, com, rms, None
         )
-    curve = gaussian(xf, amp, center, sigma, offset) if with_curve else None
-    return FitResult(status, "", amp, center, sigma, offset, chi2r, iterations, com, rms, curve)
+    curve_or_none = curve if with_curve else None
+    return FitResult(
+        status, "", amp, center, sigma, offset, chi2r, iterations, com, rms, curve_or_none
+    )
 
 
 def _failed(code: int, com: float, rms: float) -> FitResult:

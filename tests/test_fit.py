@@ -147,3 +147,32 @@ def test_vectorised_exp_in_the_model_matches_numpy(v):
     tiny = expected < 1e-300  # our exp stops at exp(-700) ~ 1e-304, harmless for fitting
     np.testing.assert_allclose(got[~tiny], expected[~tiny], rtol=1e-12)
     assert (got[tiny] < 1e-300).all()
+
+
+@pytest.mark.parametrize("axis_name", list(AXES))
+@pytest.mark.parametrize("relative_width", [0.004, 0.05])
+def test_fitted_curve_is_the_model_at_the_fitted_parameters(axis_name, relative_width):
+    # The curve comes from the fit's last accepted evaluation (normalised units), not from a
+    # separate pass: it must still be the model on the caller's axis at the reported values.
+    rng = np.random.default_rng(3)
+    x = AXES[axis_name]
+    span = abs(x[-1] - x[0])
+    center = min(x[0], x[-1]) + 0.4 * span
+    y = model(x, 5.0e4, center, relative_width * span, 300.0) + rng.normal(0, 50.0, x.size)
+    result = fit_spectrum(x, y)
+    assert result.status is FitStatus.OK, result.reason
+    expected = model(x, result.amplitude, result.center, result.sigma, result.offset)
+    np.testing.assert_allclose(result.curve, expected, rtol=1e-9, atol=1e-9 * result.amplitude)
+    assert fit_spectrum(x, y, with_curve=False).curve is None
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [0, 1000, 2559])
+def test_any_non_finite_value_anywhere_is_invalid_input(bad, where):
+    x = np.arange(2560.0)
+    y = model(x, 100.0, 1200.0, 80.0, 5.0)
+    y[where] = bad
+    assert fit_spectrum(x, y).status is FitStatus.INVALID_INPUT
+    axis = x.copy()
+    axis[where] = bad
+    assert fit_spectrum(axis, model(x, 100.0, 1200.0, 80.0, 5.0)).status is FitStatus.INVALID_INPUT
