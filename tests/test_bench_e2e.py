@@ -24,6 +24,9 @@ def test_bench_e2e_reports_every_case(forward):
     for key in ("rate_hz", "lost", "cpu_ms_per_frame", "ratio", "out_received"):
         assert key in steady
     assert steady["rate_hz"] > 0 and steady["cpu_ms_per_frame"] > 0
+    # The user-space share is part of the whole (clock ticks: it may round to 0 on tiny frames).
+    assert 0 <= steady["user_cpu_ms_per_frame"] <= steady["cpu_ms_per_frame"] + 1e-9
+    assert 0 <= steady["floor_user_cpu_ms_per_frame"] <= steady["floor_cpu_ms_per_frame"] + 1e-9
     assert steady["floor_cpu_ms_per_frame"] > 0  # the bare relay ran and relayed frames
     assert steady["cpu_vs_floor"] == steady["cpu_ms_per_frame"] / steady["floor_cpu_ms_per_frame"]
     assert steady["out_received"] > 0  # the output stream carried the results
