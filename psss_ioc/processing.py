@@ -8,6 +8,7 @@ full-frame temporaries, in a compiled kernel that releases the GIL.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +49,24 @@ class FrameMismatchError(ValueError):
         self.kind = kind
 
 
+# The read-only copies the settings own, by id (an entry goes when its array does). A new
+# Settings made from another (dataclasses.replace for a ROI put) shares them instead of
+# copying and re-validating a multi-MB background on every change of an unrelated field.
+_FROZEN: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+
+
+def _is_frozen(array: Any) -> bool:
+    return (
+        isinstance(array, np.ndarray)
+        and _FROZEN.get(id(array)) is array
+        and not array.flags.writeable
+    )
+
+
 def _frozen_copy(array: np.ndarray) -> np.ndarray:
     out = np.array(array, copy=True)
     out.setflags(write=False)
+    _FROZEN[id(out)] = out
     return out
 
 
@@ -156,6 +172,8 @@ def _validated_roi(roi: Any) -> tuple[int, int]:
 
 
 def _validated_background(background: Any) -> np.ndarray:
+    if _is_frozen(background) and background.ndim == 2:
+        return background  # validated when it was frozen, and nobody can change it
     array = np.asarray(background)
     if array.ndim != 2:
         raise ValueError(f"background must be a 2-D image, got {array.ndim} dimensions")
@@ -171,6 +189,8 @@ def _validated_background(background: Any) -> np.ndarray:
 
 
 def _validated_axis(axis: Any) -> np.ndarray:
+    if _is_frozen(axis) and axis.ndim == 1 and axis.dtype == np.float64:
+        return axis  # validated when it was frozen, and nobody can change it
     try:
         array = np.asarray(axis, dtype=np.float64)
     except (TypeError, ValueError):

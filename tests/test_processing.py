@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -309,3 +311,39 @@ def test_running_average_restarts_on_width_change_and_rejects_bad_length():
     for bad in (0, -3, 1.5, True, 10**6):
         with pytest.raises(ValueError):
             RunningAverage(bad)  # type: ignore[arg-type]
+
+
+def test_settings_made_from_settings_share_the_frozen_arrays():
+    # A ROI put builds new settings with dataclasses.replace: the multi-MB background and the
+    # axis must be shared, not copied and re-validated on every put.
+    dark = np.full((64, 32), 7, dtype=np.uint16)
+    axis = np.linspace(100.0, 200.0, 32)
+    first = Settings(background=dark, axis=axis)
+    second = dataclasses.replace(first, roi=(3, 9))
+    assert second.background is first.background and second.axis is first.axis
+    assert not second.background.flags.writeable and not second.axis.flags.writeable
+
+
+def test_arrays_the_settings_do_not_own_are_still_copied():
+    dark = np.full((8, 8), 7, dtype=np.uint16)
+    settings = Settings(background=dark)
+    dark[:] = 100  # the caller's array: changing it must not change the settings
+    assert (settings.background == 7).all()
+    base = np.full((8, 8), 5, dtype=np.uint16)
+    view = base.view()
+    view.setflags(write=False)  # read-only, but a view of memory somebody else may change
+    from_view = Settings(background=view)
+    base[:] = 50
+    assert (from_view.background == 5).all()
+    owned = settings.background
+    owned.setflags(write=True)  # made writable again: no longer trusted as frozen
+    again = Settings(background=owned)
+    assert again.background is not owned
+    owned[:] = 1
+    assert (again.background == 7).all()
+
+
+def test_a_shared_frozen_array_is_validated_like_any_other():
+    axis_settings = Settings(axis=np.linspace(1.0, 2.0, 16))
+    with pytest.raises(ValueError, match="2-D"):
+        Settings(background=axis_settings.axis)  # a frozen 1-D axis is no background
