@@ -123,7 +123,9 @@ def build_chained_record(pv: PV, prefix: str, next_pv: PV | None) -> Any:
     chain = pvs.chain_of(pv)
     assert chain is not None
     head = chain[0]
-    fields: dict[str, Any] = {"DESC": pv.desc, "PINI": "YES"}
+    # DISP=1: results are the IOC's to write (dbPut, which DISP does not stop); a client's
+    # put is refused ("put disabled") instead of showing a made-up value until the next frame.
+    fields: dict[str, Any] = {"DESC": pv.desc, "PINI": "YES", "DISP": 1}
     if pv.timestamped and pv == head:
         fields["TSE"] = -2
     elif pv.timestamped:

@@ -12,7 +12,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from iochelpers import EPICS_ENV, IocProcess, caget, simulator_args, wait_until
+from iochelpers import EPICS_ENV, IocProcess, caget, caput, simulator_args, wait_until
 from p4p.client.thread import Context
 
 from psss_ioc import pvs
@@ -290,6 +290,19 @@ def test_avg_n_and_average(ioc: IocProcess, pva: Context) -> None:
     avg = np.asarray(pva.get(ioc.name(pvs.SPECTRUM_AVG_Y), timeout=5))
     assert avg.shape == (W,) and avg.sum() > 0
     assert float(ioc.get(pvs.SPECTRUM_AVG_FWHM)) > 0
+
+
+def test_results_and_statistics_refuse_client_puts(ioc: IocProcess, pva: Context) -> None:
+    processing(ioc)
+    for pv in (pvs.SPECTRUM_CENTER, pvs.PULSE_ID, pvs.N_PROCESSED):
+        put = caput(ioc.name(pv), 5)  # caput reports the refusal but exits 0
+        assert "write request failed" in put.stdout + put.stderr, put
+        with pytest.raises(Exception, match=r"(?i)disabled|failed|error"):
+            pva.put(ioc.name(pv), 5, timeout=5)
+    # ... and the IOC still writes them
+    first = int(ioc.get(pvs.PULSE_ID))
+    wait_until(lambda: int(ioc.get(pvs.PULSE_ID)) > first, what="results still published")
+    assert int(ioc.get(pvs.N_PROCESSED)) > 5
 
 
 def test_iocstats_and_sysreset_locked(ioc: IocProcess) -> None:
