@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from psss_ioc.bench import e2e
+
 
 @pytest.mark.parametrize("forward", ["--forward-image", "--no-forward-image"])
 def test_bench_e2e_reports_every_case(forward):
@@ -30,5 +32,38 @@ def test_bench_e2e_reports_every_case(forward):
     assert steady["floor_cpu_ms_per_frame"] > 0  # the bare relay ran and relayed frames
     assert steady["cpu_vs_floor"] == steady["cpu_ms_per_frame"] / steady["floor_cpu_ms_per_frame"]
     assert steady["out_received"] > 0  # the output stream carried the results
-    assert rows["ceiling"]["rate_hz"] > 0
+    ceiling = rows["ceiling"]
+    assert ceiling["before_hz"] > 0 and ceiling["after_hz"] > 0
+    assert ceiling["rate_hz"] == (ceiling["before_hz"] + ceiling["after_hz"]) / 2
     assert 0.0 <= rows["max_lossless"]["ratio"] <= 1.0
+
+
+def _fake_ioc_that_keeps(limit_hz: float, throughput_hz: float, calls: list[float]):
+    def run_window(ioc, rate, seconds, height, width):
+        calls.append(rate)
+        achieved = min(rate, throughput_hz)
+        kept = rate <= limit_hz
+        return {"requested_hz": rate, "rate_hz": achieved, "lost": 0 if kept else 3,
+                "sustained": kept}
+    return run_window
+
+
+@pytest.mark.parametrize(("limit", "throughput", "steps"),
+                         [(150.0, 160.0, 7), (100.0, 180.0, 7), (239.0, 250.0, 7),
+                          (150.0, 160.0, 3)])
+def test_lossless_search_finds_the_limit_within_its_steps(monkeypatch, limit, throughput, steps):
+    calls: list[float] = []
+    monkeypatch.setattr(e2e, "run_window", _fake_ioc_that_keeps(limit, throughput, calls))
+    best = e2e._highest_lossless_rate(None, 240.0, steps, 8, 8, 0.1, quiet=True)
+    assert len(calls) <= steps
+    assert best is not None and best["requested_hz"] <= limit
+    assert best["requested_hz"] == max(c for c in calls if c <= limit)  # the highest kept
+    if (limit, throughput, steps) == (150.0, 160.0, 7):  # steps enough to narrow the gap
+        assert best["requested_hz"] >= limit / 1.03
+
+
+def test_lossless_search_reports_nothing_when_no_rate_is_kept(monkeypatch):
+    calls: list[float] = []
+    monkeypatch.setattr(e2e, "run_window", _fake_ioc_that_keeps(1.0, 100.0, calls))
+    assert e2e._highest_lossless_rate(None, 240.0, 7, 8, 8, 0.1, quiet=True) is None
+    assert len(calls) == 7
