@@ -764,6 +764,7 @@ def run(config: IocConfig, explicit: set[str] | None = None,
     ioc.lock_sysreset()
     ioc.apply_restored_settings()
     ioc.follow_external_pvs()
+    memory.freeze_startup_objects()  # before the first frame: no 70 ms full GC passes later
     log.info("IOC %s serving %d records", config.prefix, len(pvs.TABLE))
     rest_server = _serve_rest(ioc)
     if config.auto_start:

@@ -1,4 +1,5 @@
-"""The IOC process's memory lock (issue 7: RSS growth in `bench soak`).
+"""The IOC process's memory: the lock (issue 7: RSS growth in `bench soak`), and the objects
+of its start-up kept out of the garbage collector's full passes (`freeze_startup_objects`).
 
 Why: EPICS iocInit locks the whole process into RAM whenever real-time scheduling is available
 to it (``epicsThreadRealtimeLock``: ``mlockall(MCL_CURRENT | MCL_FUTURE)``; the IOC runs as
@@ -31,8 +32,10 @@ IOC CPU per frame here (11.7 -> 15.8 ms at 30 Hz), half a core at 100 Hz.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -76,3 +79,21 @@ def release_memory_lock(env: Mapping[str, str] | None = None) -> bool:
     log.info("released the real-time memory lock of iocInit (%d MB were locked; %s=1 keeps "
              "it)", locked // 1024, ENV_KEEP_MLOCK)
     return True
+
+
+def freeze_startup_objects() -> int:
+    """Collect once, then move every object alive now out of the collector's sight.
+
+    The IOC starts with ~170k tracked objects (softioc, numba, scipy, the records), all alive
+    until it exits. Each full (generation 2) pass of the cyclic collector walks them all while
+    holding the GIL: 50-75 ms measured here, 5-7 frames at 100 Hz with the worker thread
+    stopped. Frozen, they are not walked (a full pass then takes microseconds) and frames
+    made later are collected as before. Returns the number of objects frozen.
+    """
+    start = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    log.info("kept %d start-up objects out of the garbage collector's full passes (%.0f ms)",
+             frozen, (time.perf_counter() - start) * 1e3)
+    return frozen
