@@ -115,7 +115,7 @@ _FTVL = {"float64": "DOUBLE", "float32": "FLOAT", "int32": "LONG", "int16": "SHO
          "uint8": "UCHAR", "int64": "INT64"}
 
 
-def build_chained_record(pv: PV, prefix: str, next_pv: PV | None) -> Any:
+def build_chained_record(pv: PV, prefix: str) -> Any:
     """A record of one of `pvs.CHAINS`: a plain soft record (no Python device support) that
     `RecordPublisher` writes and processes through `FrameChainWriter`. In the frame chain the
     head's TIME is written with the frame's timestamp (TSE=-2: nothing else sets it) and the
@@ -123,6 +123,8 @@ def build_chained_record(pv: PV, prefix: str, next_pv: PV | None) -> Any:
     chain = pvs.chain_of(pv)
     assert chain is not None
     head = chain[0]
+    position = chain.index(pv)
+    next_pv = chain[position + 1] if position + 1 < len(chain) else None
     # DISP=1: results are the IOC's to write (dbPut, which DISP does not stop); a client's
     # put is refused ("put disabled") instead of showing a made-up value until the next frame.
     fields: dict[str, Any] = {"DESC": pv.desc, "PINI": "YES", "DISP": 1}
@@ -163,7 +165,7 @@ def build_chained_record(pv: PV, prefix: str, next_pv: PV | None) -> Any:
 def build_record(pv: PV, prefix: str, **callbacks: Any) -> Any:
     """One record from one PV table entry (softioc's, except the frame chain's)."""
     if pvs.chain_of(pv) is not None:
-        return build_chained_record(pv, prefix, pvs.chain_links(pv)[1])
+        return build_chained_record(pv, prefix)
     fields: dict[str, Any] = {"DESC": pv.desc}
     if pv.egu:
         fields["EGU"] = pv.egu

@@ -45,16 +45,22 @@ ENV_KEEP_MLOCK = "PSSS_KEEP_MLOCK"
 _TRUE = ("1", "yes", "true", "on")
 
 
+def memory_kb(pid: int | str = "self") -> dict[str, int]:
+    """The memory figures of /proc/<pid>/status in kB (VmRSS, RssAnon, VmHWM, VmLck, ...)."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            out[key] = int(value.split()[0])
+    return out
+
+
 def locked_kb(pid: int | str = "self") -> int:
-    """Locked memory of a process in kB (VmLck from /proc/<pid>/status); 0 if not known."""
+    """Locked memory of a process in kB (VmLck); 0 if not known."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        return memory_kb(pid).get("VmLck", 0)
     except OSError:
         return 0
-    for line in status.splitlines():
-        if line.startswith("VmLck:"):
-            return int(line.split()[1])
-    return 0
 
 
 def release_memory_lock(env: Mapping[str, str] | None = None) -> bool:

@@ -259,15 +259,6 @@ def chain_of(pv: PV) -> tuple[PV, ...] | None:
     return next((chain for chain in CHAINS if pv in chain), None)
 
 
-def chain_links(pv: PV) -> tuple[bool, PV | None]:
-    """(processed by the forward link of the record before it, next record) for `pv`."""
-    chain = chain_of(pv)
-    if chain is None:
-        return False, None
-    i = chain.index(pv)
-    return i > 0, chain[i + 1] if i + 1 < len(chain) else None
-
-
 TABLE: tuple[PV, ...] = tuple(v for v in list(globals().values()) if isinstance(v, PV))
 BY_NAME: dict[str, PV] = {pv.name: pv for pv in TABLE}
 if len(BY_NAME) != len(TABLE):  # pragma: no cover - a typo in the table above

@@ -58,11 +58,12 @@ _memcpy = ctypes.CFUNCTYPE(_u64, _u64, _u64, ctypes.c_size_t)(
 
 # Not cached: the compiled code holds these functions' addresses, valid in this process only.
 @njit(nogil=True)
-def _publish(lock_record: int, addrs: np.ndarray, dbr_types: np.ndarray, data: np.ndarray,
-             counts: np.ndarray, time_field: int, stamp: np.ndarray,
-             head_record: int) -> int:  # pragma: no cover - compiled
-    """Under the lock: put every value, stamp the head, process it. 0 or the first error."""
-    _lock(lock_record)
+def _publish(head_record: int, addrs: np.ndarray, dbr_types: np.ndarray, data: np.ndarray,
+             counts: np.ndarray, time_field: int,
+             stamp: np.ndarray) -> int:  # pragma: no cover - compiled
+    """Under the head's lock (the chain's lock set): put every value, stamp the head, process
+    it. 0 or the first error."""
+    _lock(head_record)
     status = 0
     for i in range(addrs.shape[0]):
         s = _put(addrs[i], dbr_types[i], data[i], counts[i])
@@ -73,12 +74,11 @@ def _publish(lock_record: int, addrs: np.ndarray, dbr_types: np.ndarray, data: n
     s = _process(head_record)
     if s != 0 and status == 0:
         status = s
-    _unlock(lock_record)
+    _unlock(head_record)
     return status
 
 
-_SIGNATURE = ("int64(int64, uint64[::1], int16[::1], uint64[::1], int64[::1], int64, "
-              "uint32[::1], int64)")
+_SIGNATURE = "int64(int64, uint64[::1], int16[::1], uint64[::1], int64[::1], int64, uint32[::1])"
 
 
 def warm_up() -> None:
@@ -125,6 +125,10 @@ class FrameChainWriter:
         self._doubles = np.zeros(n, dtype=np.float64)
         self._ints = np.zeros(n, dtype=np.int64)
         self._stamp = np.zeros(2, dtype=np.uint32)  # epicsTimeStamp: secPastEpoch, nsec
+        # where each scalar's buffer slot is (the buffers never move; `.ctypes` per value per
+        # frame made a ctypes object each time)
+        self._int_slots = [self._ints.ctypes.data + 8 * i for i in range(n)]
+        self._double_slots = [self._doubles.ctypes.data + 8 * i for i in range(n)]
         self._keep: list[np.ndarray] = []
         self._busy = threading.Lock()  # the buffers above are shared by every write
 
@@ -150,17 +154,17 @@ class FrameChainWriter:
             elif isinstance(value, int | np.integer):
                 self._ints[i] = value
                 self._types[i] = DBR_INT64
-                self._data[i] = self._ints.ctypes.data + 8 * i
+                self._data[i] = self._int_slots[i]
                 self._counts[i] = 1
             else:
                 self._doubles[i] = value
                 self._types[i] = DBR_DOUBLE
-                self._data[i] = self._doubles.ctypes.data + 8 * i
+                self._data[i] = self._double_slots[i]
                 self._counts[i] = 1
         self._stamp[0] = max(int(posix_seconds) - POSIX_TO_EPICS_EPOCH, 0)
         self._stamp[1] = int(nanoseconds)
-        status = _publish(self._head, self._addrs, self._types, self._data,
-                          self._counts, self._time_field, self._stamp, self._head)
+        status = _publish(self._head, self._addrs, self._types, self._data, self._counts,
+                          self._time_field, self._stamp)
         keep.clear()
         if status != 0:
             raise RuntimeError(f"writing the frame's records failed (EPICS status {status:#x})")

@@ -75,7 +75,8 @@ def test_fields_say_what_the_table_says(
         assert fields.get("ASG") == (pvs.SETTINGS_ASG if pv.writable else None), pv.name
         assert ("autosaveFields" in info) == pv.autosave, pv.name
         if pv.timestamped:  # the frame's timestamp: set by the head, copied along the chain
-            linked, _ = pvs.chain_links(pv)
+            chain = pvs.chain_of(pv)
+            linked = chain is not None and pv != chain[0]  # processed by the one before it
             if linked:
                 head = pvs.FRAME_CHAIN[0]
                 assert fields["TSEL"] == f"$(P):{head.name}.TIME", pv.name

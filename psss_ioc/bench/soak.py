@@ -58,7 +58,6 @@ import math
 import re
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import click
@@ -72,18 +71,15 @@ from psss_ioc.bench.e2e import (
     running_ioc,
 )
 from psss_ioc.bench.report import emit, median, percentile
+from psss_ioc.memory import memory_kb
 from psss_ioc.simulate import SimulatorProcess
 
 _SENT = re.compile(r"sent (\d+) frames.*dropped (\d+)", re.S)
 
 
 def memory_mb(pid: int) -> dict[str, float]:
-    """VmRSS, RssAnon, VmHWM (peak RSS) ... of a process in MB, from /proc/<pid>/status."""
-    out: dict[str, float] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.startswith(("Vm", "Rss")) and value.strip().endswith("kB"):
-            out[key] = int(value.split()[0]) / 1024.0
+    """VmRSS, RssAnon, VmHWM (peak RSS) ... of a process in MB (`memory.memory_kb`)."""
+    out = {key: kb / 1024.0 for key, kb in memory_kb(pid).items()}
     if "VmRSS" not in out:
         raise RuntimeError(f"no VmRSS for process {pid}")
     return out
