@@ -97,6 +97,11 @@ class FitResult:
         return self.status is FitStatus.OK
 
 
+# What the compiled `analyse` returns: (reason code, amplitude, center, sigma, offset,
+# chi2_reduced, iterations, com, rms).
+Analysis = tuple[int, float, float, float, float, float, int, float, float]
+
+
 # Loops over the spectrum may reassociate their sums so that LLVM vectorises them: a fastmath
 # subset without the no-NaN/no-inf assumptions (NaN and inf still propagate and are checked).
 _LOOP_MATH = {"reassoc", "contract", "arcp", "nsz"}
@@ -471,14 +476,14 @@ def _binned_fit(
 
 
 @njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
-def _analyse(
+def analyse(
     x: np.ndarray,
     y: np.ndarray,
     fit_enabled: bool,
     min_snr: float,
     max_iterations: int,
     curve: np.ndarray,
-) -> tuple[int, float, float, float, float, float, int, float, float]:
+) -> Analysis:
     """Moments and, if enabled and sensible, the Gaussian fit of y(x).
 
     Returns (reason code, amplitude, center, sigma, offset, chi2_reduced, iterations, com, rms)
@@ -589,18 +594,19 @@ def fit_spectrum(
     if xf.ndim != 1 or yf.ndim != 1 or xf.shape != yf.shape:
         return _failed(3, math.nan, math.nan)
     curve = np.empty(xf.shape[0])
-    code, amp, center, sigma, offset, chi2r, iterations, com, rms = _analyse(
-        xf, yf, enabled, float(min_snr), int(max_iterations), curve
-    )
+    analysis = analyse(xf, yf, enabled, float(min_snr), int(max_iterations), curve)
+    return result_of(analysis, curve if with_curve else None)
+
+
+def result_of(analysis: Analysis, curve: np.ndarray | None) -> FitResult:
+    """The FitResult of what `analyse` returned; `curve` is the array it filled (or None)."""
+    code, amp, center, sigma, offset, chi2r, iterations, com, rms = analysis
     status = _STATUS_OF_REASON[code]
     if status is not FitStatus.OK:
         return FitResult(
             status, _REASONS[code], *([math.nan] * 5), iterations, com, rms, None
         )
-    curve_or_none = curve if with_curve else None
-    return FitResult(
-        status, "", amp, center, sigma, offset, chi2r, iterations, com, rms, curve_or_none
-    )
+    return FitResult(status, "", amp, center, sigma, offset, chi2r, iterations, com, rms, curve)
 
 
 def _failed(code: int, com: float, rms: float) -> FitResult:

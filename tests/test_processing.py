@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from psss_ioc.fit import fit_spectrum
 from psss_ioc.processing import (
     FitStatus,
     FrameMismatchError,
@@ -245,6 +246,44 @@ def test_fit_disabled_still_gives_spectrum_and_moments():
     assert result.fit_status is FitStatus.DISABLED
     assert np.isnan(result.center)
     assert result.com == pytest.approx(180.0, abs=0.5)
+
+
+@pytest.mark.parametrize("roi", [None, (0, 1), (3, 5), (3, 6), (10, 25), (31, 32)])
+@pytest.mark.parametrize("with_axis", [False, True])
+@pytest.mark.parametrize("fit_enabled", [True, False])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_camera_frames_take_one_compiled_call_with_the_same_results(
+    roi, with_axis, fit_enabled, contiguous
+):
+    """uint16 frame and background (one compiled call) = spectrum() then fit_spectrum()."""
+    rng = np.random.default_rng(5)
+    line = _line_image(180.0, 12.0, rows=(0, 32)) * 40
+    frame = rng.poisson(line).astype(np.uint16)
+    frame[rng.random(frame.shape) < 0.01] = 65535
+    background = rng.integers(0, 5000, frame.shape, dtype=np.uint16)
+    if not contiguous:
+        frame = np.repeat(frame, 2, axis=1)[:, ::2]
+        assert not frame.flags.c_contiguous
+    axis = np.linspace(9400.0, 9001.0, 400) if with_axis else None  # decreasing eV
+    settings = Settings(roi=roi, background=background, axis=axis, fit_enabled=fit_enabled)
+    result = process(frame, settings)
+    ymin, ymax = roi if roi else (0, frame.shape[0])
+    expected = spectrum(frame, settings)
+    assert result.spectrum.dtype == np.uint32
+    assert [int(v) for v in result.spectrum] == [
+        int(v) for v in _reference(frame, background, ymin, ymax)
+    ]
+    assert np.array_equal(result.spectrum, expected)
+    fit = fit_spectrum(result.axis, expected, enabled=fit_enabled)
+    assert result.fit_status is fit.status and result.fit_reason == fit.reason
+    for name in ("center", "fwhm", "amplitude", "offset", "com", "rms", "chi2_reduced"):
+        np.testing.assert_array_equal(getattr(result, name), getattr(fit, name), err_msg=name)
+    if fit.curve is None:
+        assert result.fit_curve is None
+    else:
+        np.testing.assert_array_equal(result.fit_curve, fit.curve)
+    if fit_enabled and roi in (None, (10, 25)):
+        assert result.fit_ok, result.fit_reason
 
 
 # --- property tests ----------------------------------------------------------------------

@@ -7,7 +7,8 @@ cache), per case it times, interleaved in one run:
 2. the naive baseline: ``clip(image.astype(int32) - background, 0)[ymin:ymax].sum(0)`` plus
    ``scipy.optimize.curve_fit`` with an analytic Jacobian (start values from moments);
 3. the memory-bandwidth reference: reading the same image and background bytes once (a
-   compiled XOR over their 64-bit words, the cheapest loop that touches every byte).
+   compiled XOR over their 64-bit words, the cheapest loop that touches every byte, reading
+   both halves of both arrays at once: the fastest single-thread read measured here).
 
 It also times the fit alone against curve_fit on 2560-point spectra.
 """
@@ -78,14 +79,24 @@ def baseline_process(image: np.ndarray, background: np.ndarray, roi: tuple[int, 
 
 @njit(cache=True, nogil=True)
 def _touch_words(a: np.ndarray, b: np.ndarray) -> int:  # type: ignore[no-untyped-def]
-    acc = np.uint64(0)
-    for i in range(a.shape[0]):
-        acc ^= a[i] ^ b[i]
-    return acc
+    """XOR of all 64-bit words of a and b, read as four streams (both halves of each)."""
+    half = a.shape[0] // 2
+    front = np.uint64(0)
+    back = np.uint64(0)
+    for i in range(half):
+        front ^= a[i] ^ b[i]
+        back ^= a[half + i] ^ b[half + i]
+    for i in range(2 * half, a.shape[0]):
+        front ^= a[i] ^ b[i]
+    return front ^ back
 
 
 def read_once(image: np.ndarray, background: np.ndarray, roi: tuple[int, int]) -> int:
-    """Read the ROI rows of image and background once: the memory-bandwidth reference."""
+    """Read the ROI rows of image and background once: the memory-bandwidth reference.
+
+    The fastest plain read found on the test machine: both halves of both arrays at once
+    (four streams) was 8% faster than front to back (two), and eight streams no faster.
+    """
     ymin, ymax = roi
     words_a = image[ymin:ymax].reshape(-1).view(np.uint64)
     words_b = background[ymin:ymax].reshape(-1).view(np.uint64)
