@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir as llvm_ir
@@ -72,9 +72,12 @@ _STATUS_OF_REASON = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class FitResult:
-    """Fit and moments of one spectrum. Fit values are NaN unless ``status`` is OK."""
+class FitResult(NamedTuple):
+    """Fit and moments of one spectrum. Fit values are NaN unless ``status`` is OK.
+
+    A named tuple rather than a frozen dataclass: as immutable, and made in half the time
+    (it is made once per frame, in the IOC's worker thread).
+    """
 
     status: FitStatus
     reason: str

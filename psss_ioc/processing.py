@@ -456,14 +456,20 @@ class _FitView:
         return self.fit.ok
 
 
-@dataclass(frozen=True, slots=True)
-class Result(_FitView):
-    """Everything computed from one frame. Fit values are NaN unless ``fit_ok``."""
-
+class _ResultFields(NamedTuple):
     spectrum: np.ndarray
     axis: np.ndarray
     roi: tuple[int, int]
     fit: FitResult
+
+
+class Result(_ResultFields, _FitView):
+    """Everything computed from one frame. Fit values are NaN unless ``fit_ok``.
+
+    Immutable (a named tuple: made per frame in half the time of a frozen dataclass).
+    """
+
+    __slots__ = ()
 
 
 @njit(cache=True, nogil=True)
@@ -530,14 +536,17 @@ def warm_up() -> None:
         RunningAverage(2).add(result)
 
 
-@dataclass(frozen=True, slots=True)
-class AveragedResult(_FitView):
-    """Mean spectrum of the last ``count`` shots and its fit."""
-
+class _AveragedFields(NamedTuple):
     spectrum: np.ndarray
     axis: np.ndarray
     count: int
     fit: FitResult
+
+
+class AveragedResult(_AveragedFields, _FitView):
+    """Mean spectrum of the last ``count`` shots and its fit (immutable, as `Result`)."""
+
+    __slots__ = ()
 
 
 class RunningAverage:

@@ -286,6 +286,18 @@ def test_camera_frames_take_one_compiled_call_with_the_same_results(
         assert result.fit_ok, result.fit_reason
 
 
+def test_results_are_immutable():
+    frame = np.ones((4, 8), np.uint16)
+    result = process(frame, Settings(background=np.zeros_like(frame)))
+    averaged = RunningAverage(2).add(result)
+    for obj, name in ((result, "spectrum"), (result.fit, "center"), (averaged, "count")):
+        with pytest.raises(AttributeError):
+            setattr(obj, name, 1)
+    with pytest.raises(AttributeError):
+        result.extra = 1  # type: ignore[attr-defined]
+    assert result.fit_status is FitStatus.LOW_SIGNAL and result.roi == (0, 4)
+
+
 # --- property tests ----------------------------------------------------------------------
 
 
