@@ -176,3 +176,37 @@ def test_any_non_finite_value_anywhere_is_invalid_input(bad, where):
     axis = x.copy()
     axis[where] = bad
     assert fit_spectrum(axis, model(x, 100.0, 1200.0, 80.0, 5.0)).status is FitStatus.INVALID_INPUT
+
+
+def test_uniform_step_detects_uniform_axes_only():
+    from psss_ioc.fit import uniform_step
+
+    assert uniform_step(np.arange(2560.0)) == 1.0
+    assert uniform_step(np.linspace(12300.0, 11900.0, 2560)) == pytest.approx(-400.0 / 2559)
+    assert uniform_step((np.arange(2560.0) - 1279.5) / 2559) == pytest.approx(1 / 2559)
+    assert uniform_step(AXES["non-uniform"]) == 0.0
+    bent = np.arange(2560.0)
+    bent[1000] += 1e-9  # one point off the grid by a billionth of a step
+    assert uniform_step(bent) == 0.0
+    assert uniform_step(np.array([1.0])) == 0.0
+    assert uniform_step(np.array([1.0, np.nan, 3.0])) == 0.0
+
+
+@pytest.mark.parametrize("spacing_sign", [1.0, -1.0])
+@pytest.mark.parametrize("center", [-3.0, 0.0, 0.37, 1279.5, 1280.2, 2559.0, 2700.0, 9e6])
+@pytest.mark.parametrize("sigma", [3.9, 4.1, 30.0, 300.0, 5000.0, -120.0])
+@pytest.mark.parametrize("n", [17, 130, 2560])
+def test_gaussian_by_recurrence_equals_the_exact_one(spacing_sign, center, sigma, n):
+    """The uniform-axis recurrence (Gaussian without exp per point) is exact to 1e-12."""
+    from psss_ioc.fit import _unit_gaussian, _unit_gaussian_exact, uniform_step
+
+    x = spacing_sign * np.arange(n, dtype=np.float64)
+    c = spacing_sign * center
+    fast = np.full(n, np.nan)
+    exact = np.full(n, np.nan)
+    _unit_gaussian(x, c, sigma, fast, uniform_step(x))
+    _unit_gaussian_exact(x, c, 1.0 / (sigma * sigma), exact)
+    assert np.isfinite(fast).all()  # every point written
+    big = exact > 1e-30
+    np.testing.assert_allclose(fast[big], exact[big], rtol=1e-12)
+    assert (fast[~big] < 1e-29).all()
