@@ -55,6 +55,7 @@ _REASONS = {
     9: "fitted width is narrower than one bin (hot pixel?)",
     10: "fit diverged (non-finite parameters)",
     11: "fit disabled",
+    12: "energy axis has no extent (all values equal)",
 }
 _STATUS_OF_REASON = {
     0: FitStatus.OK,
@@ -69,6 +70,7 @@ _STATUS_OF_REASON = {
     9: FitStatus.NOT_CONVERGED,
     10: FitStatus.NOT_CONVERGED,
     11: FitStatus.DISABLED,
+    12: FitStatus.INVALID_INPUT,
 }
 
 
@@ -105,12 +107,17 @@ class FitResult(NamedTuple):
 Analysis = tuple[int, float, float, float, float, float, int, float, float]
 
 
+# Compiled per-frame code: nogil so the IOC's other threads run meanwhile, cached on disk so
+# a production start does not compile, and numpy's division semantics (x / 0 is inf or NaN,
+# never an exception: bad data must give a fit status, not a raised error).
+_COMPILED = {"cache": True, "nogil": True, "error_model": "numpy"}
+
 # Loops over the spectrum may reassociate their sums so that LLVM vectorises them: a fastmath
 # subset without the no-NaN/no-inf assumptions (NaN and inf still propagate and are checked).
 _LOOP_MATH = {"reassoc", "contract", "arcp", "nsz"}
 
 
-@njit(cache=True, nogil=True)
+@njit(**_COMPILED)
 def _robust_noise(y: np.ndarray) -> float:
     """Noise sigma from the median absolute first difference (insensitive to the line).
 
@@ -127,14 +134,14 @@ def _robust_noise(y: np.ndarray) -> float:
     return 1.4826 * np.median(diffs) / math.sqrt(2.0)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_COMPILED)
 def _robust_baseline(y: np.ndarray) -> float:
     """Median of at most ~_ROBUST_SAMPLES evenly spread values: the spectrum's baseline."""
     stride = max(1, y.shape[0] // _ROBUST_SAMPLES)
     return np.median(y[::stride])
 
 
-@njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
+@njit(**_COMPILED, fastmath=_LOOP_MATH)
 def _moments(x: np.ndarray, y: np.ndarray, baseline: float) -> tuple[float, float]:
     """Centre of mass and rms width of ``max(y - baseline, 0)``; NaN when there is none."""
     total = 0.0
@@ -153,7 +160,7 @@ def _moments(x: np.ndarray, y: np.ndarray, baseline: float) -> tuple[float, floa
     return com, math.sqrt(second / total)
 
 
-@njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
+@njit(**_COMPILED, fastmath=_LOOP_MATH)
 def _all_finite(values: np.ndarray) -> bool:
     """True when no value is NaN or infinite (inf * 0 and NaN * 0 are NaN; one vector pass)."""
     acc = 0.0
@@ -193,7 +200,7 @@ def _bits_float(typingctx, bits):  # type: ignore[no-untyped-def]
     return types.float64(types.int64), codegen
 
 
-@njit(cache=True, nogil=True)
+@njit(**_COMPILED)
 def _exp_nonpositive(v: float) -> float:
     """exp(v) for v <= 0 (values below -700 are taken as -700, i.e. ~1e-304)."""
     v = max(v, _EXP_MIN_ARG)
@@ -229,7 +236,7 @@ _EPSILON = float(np.finfo(np.float64).eps)
 _SWEEP_STEPS = 64
 
 
-@njit(cache=True, nogil=True)
+@njit(**_COMPILED)
 def uniform_step(x: np.ndarray) -> float:
     """x's spacing if x[i] = x[0] + i * spacing up to the rounding of its values, else 0.
 
@@ -251,7 +258,7 @@ def uniform_step(x: np.ndarray) -> float:
     return spacing
 
 
-@njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
+@njit(**_COMPILED, fastmath=_LOOP_MATH)
 def _unit_gaussian_exact(  # type: ignore[no-untyped-def]
     x: np.ndarray, c: float, inv_s2: float, e_buf: np.ndarray
 ):
@@ -265,7 +272,7 @@ def _unit_gaussian_exact(  # type: ignore[no-untyped-def]
         e_buf[i] = e if t > _TAIL_EXPONENT else 0.0
 
 
-@njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
+@njit(**_COMPILED, fastmath=_LOOP_MATH)
 def _unit_gaussian(  # type: ignore[no-untyped-def]
     x: np.ndarray, c: float, s: float, e_buf: np.ndarray, spacing: float
 ):
@@ -287,11 +294,12 @@ def _unit_gaussian(  # type: ignore[no-untyped-def]
         return
     # Points from `split` on lie beyond the centre in the direction of increasing index.
     split = 0 if first <= 0.0 else (n if first >= n else math.ceil(first))
-    _gaussian_sweep(x[0] - c, spacing, inv_s2, e_buf, split, n - split, 1)
-    _gaussian_sweep(x[0] - c, spacing, inv_s2, e_buf, split - 1, split, -1)
+    for direction in (1, -1):  # one call site: its code is inlined once, not twice
+        start, count = (split, n - split) if direction == 1 else (split - 1, split)
+        _gaussian_sweep(x[0] - c, spacing, inv_s2, e_buf, start, count, direction)
 
 
-@njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
+@njit(**_COMPILED, fastmath=_LOOP_MATH)
 def _gaussian_sweep(  # type: ignore[no-untyped-def]
     u_first: float, spacing: float, inv_s2: float, e_buf: np.ndarray, start: int, count: int,
     direction: int,
@@ -347,7 +355,7 @@ def _gaussian_sweep(  # type: ignore[no-untyped-def]
         e_buf[i + k * direction] = e if t > _TAIL_EXPONENT else 0.0
 
 
-@njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
+@njit(**_COMPILED, fastmath=_LOOP_MATH)
 def _evaluate(
     x: np.ndarray, y: np.ndarray, p: np.ndarray, jtj: np.ndarray, jtr: np.ndarray,
     e_buf: np.ndarray, spacing: float,
@@ -410,7 +418,7 @@ def _evaluate(
     return chi2
 
 
-@njit(cache=True, nogil=True)
+@njit(**_COMPILED)
 def _solve4(m: np.ndarray, b: np.ndarray, out: np.ndarray) -> bool:
     """Solve the symmetric positive definite 4x4 system m @ out = b by Cholesky."""
     lower = np.zeros((4, 4))
@@ -444,7 +452,7 @@ _FTOL = 1.5e-8
 _XTOL = 1.5e-8
 
 
-@njit(cache=True, nogil=True)
+@njit(**_COMPILED)
 def _predicted_decrease(jtj: np.ndarray, jtr: np.ndarray, step: np.ndarray) -> float:
     """Decrease of chi2 the local quadratic model predicts for the step: 2 d.g - d.H.d."""
     linear = 0.0
@@ -456,7 +464,7 @@ def _predicted_decrease(jtj: np.ndarray, jtr: np.ndarray, step: np.ndarray) -> f
     return 2.0 * linear - quadratic
 
 
-@njit(cache=True, nogil=True)
+@njit(**_COMPILED)
 def _levenberg_marquardt(
     x: np.ndarray,
     y: np.ndarray,
@@ -525,7 +533,7 @@ def _levenberg_marquardt(
     return False, max_iterations, chi2
 
 
-@njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
+@njit(**_COMPILED, fastmath=_LOOP_MATH)
 def _start_values(  # type: ignore[no-untyped-def]
     x: np.ndarray, y: np.ndarray, baseline: float, noise: float, min_spacing: float, p: np.ndarray
 ):
@@ -566,7 +574,7 @@ def _start_values(  # type: ignore[no-untyped-def]
 _COARSE_LEVELS = (128, 512)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_COMPILED)
 def _coarse_fit(
     x: np.ndarray, y: np.ndarray, p: np.ndarray, max_iterations: int, spacing: float
 ) -> int:
@@ -579,7 +587,7 @@ def _coarse_fit(
     return iterations
 
 
-@njit(cache=True, nogil=True)
+@njit(**_COMPILED)
 def _binned_fit(
     x: np.ndarray, y: np.ndarray, p: np.ndarray, max_iterations: int, factor: int,
     spacing: float,
@@ -612,7 +620,62 @@ def _binned_fit(
     return iterations
 
 
-@njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
+# An axis' share of the fit, the same for every frame: `describe_axis` fills it once.
+# ``numbers``: [finite (1/0), centre x0, span x_scale, min, max, smallest step of the
+# normalised axis, its uniform spacing or 0]; the normalised axis is (x - x0) / x_scale.
+_AXIS_NUMBERS = 7
+
+
+class FitAxis(NamedTuple):
+    """An energy axis prepared for fitting (see `fit_axis`)."""
+
+    values: np.ndarray
+    normalised: np.ndarray
+    numbers: np.ndarray
+
+
+def fit_axis(x: np.ndarray) -> FitAxis:
+    """Prepare an axis once for many fits on it.
+
+    The derived arrays stay writable (not to be written): read-only arrays are a type of
+    their own to numba, and would compile the whole fit a second time.
+    """
+    values = np.ascontiguousarray(x, dtype=np.float64)
+    normalised = np.empty(values.shape[0])
+    numbers = np.empty(_AXIS_NUMBERS)
+    describe_axis(values, normalised, numbers)
+    return FitAxis(values, normalised, numbers)
+
+
+@njit(**_COMPILED)
+def describe_axis(x: np.ndarray, xs: np.ndarray, numbers: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """Fill the normalised axis xs and the axis' numbers (see _AXIS_NUMBERS)."""
+    numbers[:] = math.nan
+    numbers[0] = 0.0
+    if not _all_finite(x) or x.shape[0] < 1:
+        return
+    # Normalise so the fit is equally well conditioned for any units.
+    x_lo = x.min()
+    x_hi = x.max()
+    x0 = 0.5 * (x_lo + x_hi)
+    x_scale = x_hi - x_lo
+    for i in range(x.shape[0]):
+        xs[i] = (x[i] - x0) / x_scale
+    min_spacing = np.inf
+    for i in range(x.shape[0] - 1):
+        d = abs(xs[i + 1] - xs[i])
+        if 0.0 < d < min_spacing:
+            min_spacing = d
+    numbers[0] = 1.0
+    numbers[1] = x0
+    numbers[2] = x_scale
+    numbers[3] = x_lo
+    numbers[4] = x_hi
+    numbers[5] = min_spacing
+    numbers[6] = uniform_step(x) / x_scale if x_scale > 0.0 else 0.0
+
+
+@njit(**_COMPILED)
 def analyse(
     x: np.ndarray,
     y: np.ndarray,
@@ -626,9 +689,27 @@ def analyse(
     Returns (reason code, amplitude, center, sigma, offset, chi2_reduced, iterations, com, rms)
     and, when the fit succeeded (reason 0), the fitted model on x in ``curve``.
     """
+    xs = np.empty(x.shape[0])
+    numbers = np.empty(_AXIS_NUMBERS)
+    describe_axis(x, xs, numbers)
+    return analyse_on_axis(x, xs, numbers, y, fit_enabled, min_snr, max_iterations, curve)
+
+
+@njit(**_COMPILED, fastmath=_LOOP_MATH)
+def analyse_on_axis(
+    x: np.ndarray,
+    xs: np.ndarray,
+    numbers: np.ndarray,
+    y: np.ndarray,
+    fit_enabled: bool,
+    min_snr: float,
+    max_iterations: int,
+    curve: np.ndarray,
+) -> Analysis:
+    """`analyse` on an axis described once (`fit_axis`): x, its normalised xs and numbers."""
     nan = math.nan
     n = y.shape[0]
-    if not _all_finite(x):
+    if numbers[0] != 1.0:
         return 2, nan, nan, nan, nan, nan, 0, nan, nan
     if not _all_finite(y):
         return 1, nan, nan, nan, nan, nan, 0, nan, nan
@@ -638,6 +719,10 @@ def analyse(
     com, rms = _moments(x, y, baseline)
     if not fit_enabled:
         return 11, nan, nan, nan, nan, nan, 0, com, rms
+    x0, x_scale, x_lo, x_hi = numbers[1], numbers[2], numbers[3], numbers[4]
+    min_spacing, spacing = numbers[5], numbers[6]
+    if not x_scale > 0.0:
+        return 12, nan, nan, nan, nan, nan, 0, com, rms
     ymin = y.min()
     ymax = y.max()
     if ymax <= ymin:
@@ -646,19 +731,9 @@ def analyse(
     if ymax - baseline <= min_snr * noise:
         return 5, nan, nan, nan, nan, nan, 0, com, rms
 
-    # Normalise so the fit is equally well conditioned for any units and count level.
-    x_lo = x.min()
-    x_hi = x.max()
-    x0 = 0.5 * (x_lo + x_hi)
-    x_scale = x_hi - x_lo
+    # Normalise so the fit is equally well conditioned for any count level.
     y_scale = max(abs(ymax), abs(ymin))
-    xs = (x - x0) / x_scale
     ys = y / y_scale
-    min_spacing = np.inf
-    for i in range(n - 1):
-        d = abs(xs[i + 1] - xs[i])
-        if 0.0 < d < min_spacing:
-            min_spacing = d
 
     # A single bin above half maximum is a hot pixel, not a line we can fit.
     half_raw = 0.5 * (ymin + ymax)
@@ -671,7 +746,6 @@ def analyse(
 
     p = np.empty(4)
     _start_values(xs, ys, baseline / y_scale, noise / y_scale, min_spacing, p)
-    spacing = uniform_step(x) / x_scale  # xs's, or 0
     coarse_iterations = _coarse_fit(xs, ys, p, max_iterations, spacing)
     unit_gaussian = np.empty(n)
     converged, iterations, chi2 = _levenberg_marquardt(
@@ -702,7 +776,7 @@ def analyse(
     return reason, amplitude, center, sigma, offset, chi2_reduced, iterations, com, rms
 
 
-@njit(cache=True, nogil=True, fastmath=_LOOP_MATH)
+@njit(**_COMPILED, fastmath=_LOOP_MATH)
 def gaussian(
     x: np.ndarray, amplitude: float, center: float, sigma: float, offset: float
 ) -> np.ndarray:

@@ -19,9 +19,11 @@ from psss_ioc.fit import (
     DEFAULT_MAX_ITERATIONS,
     DEFAULT_MIN_SNR,
     FWHM_PER_SIGMA,
+    FitAxis,
     FitResult,
     FitStatus,
-    analyse,
+    analyse_on_axis,
+    fit_axis,
     fit_spectrum,
     result_of,
 )
@@ -79,6 +81,7 @@ class FramePlan(NamedTuple):
     ymax: int
     background: np.ndarray | None  # in the dtype the kernel pairs with the image's
     axis: np.ndarray  # the energy axis, or the column index
+    fit_axis: FitAxis  # the axis prepared for the fit
     spectrum_dtype: np.dtype
     camera_case: bool  # uint16 frame and background into uint32: one compiled call
     fit_enabled: bool
@@ -173,11 +176,13 @@ class Settings:
             background = self.background_for(image_dtype)
             bg_dtype = background.dtype if background is not None else None
             out_dtype = np.dtype(spectrum_dtype(image_dtype, bg_dtype, ymax - ymin))
+            axis = self.axis if self.axis is not None else _column_axis(shape[1])
             plan = FramePlan(
                 ymin,
                 ymax,
                 background,
-                self.axis if self.axis is not None else _column_axis(shape[1]),
+                axis,
+                fit_axis(axis),
                 out_dtype,
                 image_dtype == np.uint16 and bg_dtype == np.uint16 and out_dtype == np.uint32,
                 self.fit_enabled,
@@ -474,7 +479,8 @@ class Result(_ResultFields, _FitView):
 
 @njit(cache=True, nogil=True)
 def _spectrum_and_fit_u16(  # type: ignore[no-untyped-def]
-    image, background, ymin, ymax, axis, fit_enabled, min_snr, max_iterations
+    image, background, ymin, ymax, axis, normalised_axis, axis_numbers, fit_enabled, min_snr,
+    max_iterations,
 ):
     """The camera's case in one compiled call: uint16 kernel, then moments and fit.
 
@@ -490,7 +496,9 @@ def _spectrum_and_fit_u16(  # type: ignore[no-untyped-def]
     for c in range(width):
         values[c] = out[c]
     curve = np.empty(width)
-    analysis = analyse(axis, values, fit_enabled, min_snr, max_iterations, curve)
+    analysis = analyse_on_axis(
+        axis, normalised_axis, axis_numbers, values, fit_enabled, min_snr, max_iterations, curve
+    )
     return out, curve, analysis
 
 
@@ -504,9 +512,10 @@ def process(image: np.ndarray, settings: Settings) -> Result:
     plan = settings.plan_for(image.shape, image.dtype)
     rows = (plan.ymin, plan.ymax)
     if plan.camera_case:
+        axis = plan.fit_axis
         out, curve, analysis = _spectrum_and_fit_u16(
-            image, plan.background, plan.ymin, plan.ymax, plan.axis, plan.fit_enabled,
-            plan.min_snr, plan.max_iterations,
+            image, plan.background, plan.ymin, plan.ymax, axis.values, axis.normalised,
+            axis.numbers, plan.fit_enabled, plan.min_snr, plan.max_iterations,
         )
         return Result(out, plan.axis, rows, result_of(analysis, curve))
     out = np.zeros(image.shape[1], dtype=plan.spectrum_dtype)

@@ -47,6 +47,19 @@ def ca_repeater() -> Iterator[None]:
             proc.wait(5)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels() -> None:
+    """Compile (or load) the processing kernels once, before any test starts an IOC.
+
+    numba caches them beside the sources, so every IOC and CLI the tests start loads them
+    in a second; on a fresh clone the first compile takes half a minute, which would
+    otherwise fall into whichever test's IOC start-up comes first and eat its time limit.
+    """
+    from psss_ioc.processing import warm_up
+
+    warm_up()
+
+
 @pytest.fixture
 def bsread_fixtures() -> Path:
     return BSREAD_FIXTURES

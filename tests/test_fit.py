@@ -210,3 +210,30 @@ def test_gaussian_by_recurrence_equals_the_exact_one(spacing_sign, center, sigma
     big = exact > 1e-30
     np.testing.assert_allclose(fast[big], exact[big], rtol=1e-12)
     assert (fast[~big] < 1e-29).all()
+
+
+@pytest.mark.parametrize("axis", [np.ones(100), np.full(100, 12000.0)])
+def test_axis_without_extent_is_invalid_input_not_an_exception(axis):
+    y = model(np.arange(100.0), 100.0, 50.0, 5.0, 3.0)
+    result = fit_spectrum(axis, y)
+    assert result.status is FitStatus.INVALID_INPUT
+    assert "no extent" in result.reason
+    assert math.isnan(result.center)
+
+
+def test_a_prepared_axis_gives_the_same_fit_and_leaves_the_callers_array_writable():
+    from psss_ioc.fit import analyse_on_axis, fit_axis, result_of
+
+    x = np.linspace(12300.0, 11900.0, 2560)
+    y = model(x, 500.0, 12050.0, 30.0, 20.0) + np.random.default_rng(1).normal(0, 3, x.size)
+    prepared = fit_axis(x)
+    assert x.flags.writeable
+    curve = np.empty(x.size)
+    ours = result_of(
+        analyse_on_axis(x, prepared.normalised, prepared.numbers, y, True, 5.0, 50, curve), curve
+    )
+    reference = fit_spectrum(x, y)
+    assert ours.status is FitStatus.OK
+    for name in ("center", "sigma", "amplitude", "offset", "chi2_reduced", "com", "rms"):
+        assert getattr(ours, name) == getattr(reference, name), name
+    np.testing.assert_array_equal(ours.curve, reference.curve)
