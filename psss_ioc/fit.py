@@ -419,9 +419,14 @@ def _evaluate(
 
 
 @njit(**_COMPILED)
-def _solve4(m: np.ndarray, b: np.ndarray, out: np.ndarray) -> bool:
-    """Solve the symmetric positive definite 4x4 system m @ out = b by Cholesky."""
-    lower = np.zeros((4, 4))
+def _solve4(
+    m: np.ndarray, b: np.ndarray, out: np.ndarray, lower: np.ndarray, tmp: np.ndarray
+) -> bool:
+    """Solve the symmetric positive definite 4x4 system m @ out = b by Cholesky.
+
+    ``lower`` (4x4) and ``tmp`` (4) are scratch: the solver runs at every LM step, where
+    two allocations cost more than the 4x4 arithmetic.
+    """
     for i in range(4):
         for j in range(i + 1):
             acc = m[i, j]
@@ -433,7 +438,6 @@ def _solve4(m: np.ndarray, b: np.ndarray, out: np.ndarray) -> bool:
                 lower[i, i] = math.sqrt(acc)
             else:
                 lower[i, j] = acc / lower[j, j]
-    tmp = np.empty(4)
     for i in range(4):
         acc = b[i]
         for k in range(i):
@@ -487,6 +491,8 @@ def _levenberg_marquardt(
     damped = np.empty((4, 4))
     step = np.empty(4)
     trial = np.empty(4)
+    lower = np.empty((4, 4))
+    scratch = np.empty(4)
     lam = 1e-3
     e_trial = np.empty(x.shape[0])
     chi2 = _evaluate(x, y, p, jtj, jtr, e_best, spacing)
@@ -499,7 +505,7 @@ def _levenberg_marquardt(
                 for k in range(4):
                     damped[j, k] = jtj[j, k]
                 damped[j, j] = jtj[j, j] * (1.0 + lam) + 1e-300
-            if _solve4(damped, jtr, step):
+            if _solve4(damped, jtr, step, lower, scratch):
                 if lam <= 1e-3 and _predicted_decrease(jtj, jtr, step) <= _FTOL * chi2:
                     # Near Gauss-Newton and the quadratic model promises nothing more:
                     # converged, without paying for one more evaluation to confirm it.

@@ -44,6 +44,9 @@ def test_bench_core_json_has_the_documented_keys():
             assert row[key] > 0, (row["case"], key)
         if row["case"] != "fit_2560":
             assert row["bandwidth_fraction"] > 0
+            assert row["reference_ms_median"] == min(
+                row["read_in_halves_ms_median"], row["read_in_order_ms_median"]
+            )
             assert row["ours_ms_p99"] >= row["ours_ms_median"]
 
 

@@ -7,8 +7,8 @@ cache), per case it times, interleaved in one run:
 2. the naive baseline: ``clip(image.astype(int32) - background, 0)[ymin:ymax].sum(0)`` plus
    ``scipy.optimize.curve_fit`` with an analytic Jacobian (start values from moments);
 3. the memory-bandwidth reference: reading the same image and background bytes once (a
-   compiled XOR over their 64-bit words, the cheapest loop that touches every byte, reading
-   both halves of both arrays at once: the fastest single-thread read measured here).
+   compiled XOR over their 64-bit words, the cheapest loop that touches every byte), timed
+   two ways, front to back and both halves at once; the faster of the two is the reference.
 
 It also times the fit alone against curve_fit on 2560-point spectra.
 """
@@ -91,11 +91,28 @@ def _touch_words(a: np.ndarray, b: np.ndarray) -> int:  # type: ignore[no-untype
     return front ^ back
 
 
-def read_once(image: np.ndarray, background: np.ndarray, roi: tuple[int, int]) -> int:
-    """Read the ROI rows of image and background once: the memory-bandwidth reference.
+@njit(cache=True, nogil=True)
+def _touch_words_in_order(a: np.ndarray, b: np.ndarray) -> int:  # type: ignore[no-untyped-def]
+    """XOR of all 64-bit words of a and b, front to back (two streams)."""
+    acc = np.uint64(0)
+    for i in range(a.shape[0]):
+        acc ^= a[i] ^ b[i]
+    return acc
 
-    The fastest plain read found on the test machine: both halves of both arrays at once
-    (four streams) was 8% faster than front to back (two), and eight streams no faster.
+
+def read_in_order(image: np.ndarray, background: np.ndarray, roi: tuple[int, int]) -> int:
+    """The plain read: image and background rows front to back."""
+    ymin, ymax = roi
+    words_a = image[ymin:ymax].reshape(-1).view(np.uint64)
+    words_b = background[ymin:ymax].reshape(-1).view(np.uint64)
+    return int(_touch_words_in_order(words_a, words_b))
+
+
+def read_once(image: np.ndarray, background: np.ndarray, roi: tuple[int, int]) -> int:
+    """Read the ROI rows of image and background once, both halves of both at once.
+
+    On full frames from memory the fastest read found on the test machine: four streams
+    were 8% faster than front to back (two), and eight streams no faster.
     """
     ymin, ymax = roi
     words_a = image[ymin:ymax].reshape(-1).view(np.uint64)
@@ -129,33 +146,41 @@ def run_case(case: Case, rounds: int, baseline_every: int) -> dict[str, Any]:
     ours: list[float] = []
     kernel: list[float] = []
     reference: list[float] = []
+    plain_read: list[float] = []
     baseline: list[float] = []
     frames = case.images
     background, roi = case.background, case.roi
     process(frames[0], settings)  # compile / load the cache outside the timing
     read_once(frames[0], case.background, case.roi)
+    read_in_order(frames[0], case.background, case.roi)
     for r in range(rounds):
         for k, image in enumerate(frames):
             ours.append(_timed(lambda image=image: process(image, settings)))
             kernel.append(_timed(lambda image=image: spectrum(image, settings)))
             reference.append(_timed(lambda image=image: read_once(image, background, roi)))
+            plain_read.append(_timed(lambda image=image: read_in_order(image, background, roi)))
             if (r * len(frames) + k) % baseline_every == 0:
                 naive = _timed(lambda image=image: baseline_process(image, background, roi))
                 baseline.append(naive)
     ours_median = median(ours)
+    # The reference is the faster of the two ways of reading the bytes: both halves at once
+    # wins on full frames from memory, front to back on ROIs partly still in cache.
+    reference_ms = min(median(reference), median(plain_read))
     return {
         "case": case.name,
         "rows": case.roi[1] - case.roi[0],
         "ours_ms_median": ours_median,
         "ours_ms_p99": percentile(ours, 99),
         "baseline_ms_median": median(baseline),
-        "reference_ms_median": median(reference),
+        "reference_ms_median": reference_ms,
         "speedup": median(baseline) / ours_median,
-        "bandwidth_fraction": median(reference) / ours_median,
+        "bandwidth_fraction": reference_ms / ours_median,
         "p99_over_median": percentile(ours, 99) / ours_median,
+        "read_in_halves_ms_median": median(reference),
+        "read_in_order_ms_median": median(plain_read),
         # Where the time goes: the spectrum kernel alone against the same memory reference.
         "kernel_ms_median": median(kernel),
-        "kernel_bandwidth_fraction": median(reference) / median(kernel),
+        "kernel_bandwidth_fraction": reference_ms / median(kernel),
         "n_ours": len(ours),
         "n_baseline": len(baseline),
     }
