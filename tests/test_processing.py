@@ -298,6 +298,31 @@ def test_results_are_immutable():
     assert result.fit_status is FitStatus.LOW_SIGNAL and result.roi == (0, 4)
 
 
+def test_one_settings_object_keeps_checking_frames_that_differ_from_the_last():
+    """The steady-state shortcut (same shape and dtype as the last frame) skips no check."""
+    rng = np.random.default_rng(9)
+    frame = rng.integers(0, 4000, (40, 64), dtype=np.uint16)
+    settings = Settings(roi=(5, 30), background=np.full(frame.shape, 7, np.uint16))
+    first = process(frame, settings)
+    assert np.array_equal(process(frame, settings).spectrum, first.spectrum)
+    with pytest.raises(FrameMismatchError) as caught:
+        process(frame[:20], settings)  # ROI beyond this frame's height
+    assert caught.value.kind == "roi"
+    with pytest.raises(FrameMismatchError) as caught:
+        process(frame[:, :32], settings)
+    assert caught.value.kind == "background_shape"
+    swapped = frame.astype(frame.dtype.newbyteorder(">"))
+    assert np.array_equal(process(swapped, settings).spectrum, first.spectrum)
+    assert np.array_equal(process(frame, settings).spectrum, first.spectrum)
+    wide = frame.astype(np.int32)
+    assert [int(v) for v in process(wide, settings).spectrum] == [
+        int(v) for v in first.spectrum
+    ]
+    with pytest.raises(FrameMismatchError):
+        process(frame.tolist(), settings)  # type: ignore[arg-type]
+    assert np.array_equal(process(frame, settings).spectrum, first.spectrum)
+
+
 # --- property tests ----------------------------------------------------------------------
 
 
