@@ -49,9 +49,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, period: floa
     raise AssertionError(f"{what} not reached within {timeout} s (last: {last!r})")
 
 
-def caget(name: str, *options: str, timeout: float = 5.0) -> str:
-    """`caget -t` (value only) with the EPICS base binary; raises on failure."""
-    out = subprocess.run([str(BIN / "caget"), "-t", "-w", "2", *options, name],
+def caget(name: str, *options: str, timeout: float = 10.0) -> str:
+    """`caget -t` (value only) with the EPICS base binary; raises on failure.
+
+    Waits up to 5 s for the channel: a new client's first search of a PV in an IOC's first
+    seconds took over 2 s (caget's default) about once in ten runs on the loaded test machine.
+    """
+    out = subprocess.run([str(BIN / "caget"), "-t", "-w", "5", *options, name],
                          capture_output=True, text=True, timeout=timeout, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"caget {name} failed: {out.stderr.strip() or out.stdout.strip()}")
@@ -102,7 +106,7 @@ class IocProcess:
         if self.proc.poll() is not None:
             raise RuntimeError(f"IOC exited with {self.proc.returncode}:\n{self.log()}")
         try:
-            caget(self.name(pvs.STATUS), timeout=5)
+            caget(self.name(pvs.STATUS), timeout=8)
         except (RuntimeError, subprocess.TimeoutExpired):
             return False
         return True
