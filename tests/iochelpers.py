@@ -106,7 +106,8 @@ class IocProcess:
         if self.proc.poll() is not None:
             raise RuntimeError(f"IOC exited with {self.proc.returncode}:\n{self.log()}")
         try:
-            caget(self.name(pvs.STATUS), timeout=8)
+            # Polled until the IOC is up: a short wait keeps each failed try short.
+            caget(self.name(pvs.STATUS), "-w", "1", timeout=8)
         except (RuntimeError, subprocess.TimeoutExpired):
             return False
         return True
