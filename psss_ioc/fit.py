@@ -698,21 +698,24 @@ def analyse(
     xs = np.empty(x.shape[0])
     numbers = np.empty(_AXIS_NUMBERS)
     describe_axis(x, xs, numbers)
-    return analyse_on_axis(x, xs, numbers, y, fit_enabled, min_snr, max_iterations, curve)
+    return analyse_on_axis(y, curve, x, xs, numbers, fit_enabled, min_snr, max_iterations)
 
 
 @njit(**_COMPILED, fastmath=_LOOP_MATH)
 def analyse_on_axis(
+    y: np.ndarray,
+    curve: np.ndarray,
     x: np.ndarray,
     xs: np.ndarray,
     numbers: np.ndarray,
-    y: np.ndarray,
     fit_enabled: bool,
     min_snr: float,
     max_iterations: int,
-    curve: np.ndarray,
 ) -> Analysis:
-    """`analyse` on an axis described once (`fit_axis`): x, its normalised xs and numbers."""
+    """`analyse` on an axis described once (`fit_axis`): x, its normalised xs and numbers.
+
+    The arguments after ``curve`` are the same for every frame on one axis and settings.
+    """
     nan = math.nan
     n = y.shape[0]
     if numbers[0] != 1.0:

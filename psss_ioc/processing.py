@@ -19,7 +19,6 @@ from psss_ioc.fit import (
     DEFAULT_MAX_ITERATIONS,
     DEFAULT_MIN_SNR,
     FWHM_PER_SIGMA,
-    FitAxis,
     FitResult,
     FitStatus,
     analyse_on_axis,
@@ -80,14 +79,11 @@ class FramePlan(NamedTuple):
     rows: tuple[int, int]  # [ymin, ymax)
     background: np.ndarray | None  # in the dtype the kernel pairs with the image's
     axis: np.ndarray  # the energy axis, or the column index
-    fit_axis: FitAxis  # the axis prepared for the fit
     spectrum_dtype: np.dtype
-    fit_enabled: bool
-    min_snr: float
-    max_iterations: int
-    # uint16 frame and background into uint32 (the camera's case): the arguments after the
-    # image of the one compiled call that does it all; None for any other case.
-    camera_args: tuple[Any, ...] | None
+    camera_case: bool  # see `_is_camera_case`: kernel and fit in one compiled call
+    # `analyse_on_axis`'s arguments after the spectrum and curve: the prepared axis (values,
+    # normalised, numbers), fit_enabled, min_snr, max_iterations.
+    fit_args: tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -182,22 +178,13 @@ class Settings:
             bg_dtype = background.dtype if background is not None else None
             out_dtype = np.dtype(spectrum_dtype(image_dtype, bg_dtype, ymax - ymin))
             axis = self.axis if self.axis is not None else _column_axis(shape[1])
-            prepared = fit_axis(axis)
-            camera = image_dtype == bg_dtype == np.uint16 and out_dtype == np.uint32
             plan = FramePlan(
                 (ymin, ymax),
                 background,
                 axis,
-                prepared,
                 out_dtype,
-                self.fit_enabled,
-                float(self.min_snr),
-                self.max_iterations,
-                (
-                    background, ymin, ymax, prepared.values, prepared.normalised,
-                    prepared.numbers, self.fit_enabled, float(self.min_snr),
-                    self.max_iterations,
-                ) if camera else None,
+                _is_camera_case(image_dtype, bg_dtype, out_dtype),
+                (*fit_axis(axis), self.fit_enabled, float(self.min_snr), self.max_iterations),
             )
             self._plans[(shape, image_dtype)] = plan
         return plan
@@ -386,10 +373,15 @@ def _add_rows(
         _sum_rows(image, ymin, ymax, out)
     elif out.dtype == np.float64:
         _sum_rows_minus_background_float(image, background, ymin, ymax, out)
-    elif image.dtype == background.dtype == np.uint16 and out.dtype == np.uint32:
+    elif _is_camera_case(image.dtype, background.dtype, out.dtype):
         _sum_rows_minus_background_u16(image, background, ymin, ymax, out)
     else:
         _sum_rows_minus_background_int(image, background, ymin, ymax, out)
+
+
+def _is_camera_case(image_dtype: Any, background_dtype: Any, spectrum_dtype: Any) -> bool:
+    """uint16 frame and background into a uint32 spectrum: the camera's, fastest kernel."""
+    return bool(image_dtype == background_dtype == np.uint16 and spectrum_dtype == np.uint32)
 
 
 def _kernel_image(image: Any) -> np.ndarray:
@@ -491,7 +483,7 @@ class Result(_ResultFields, _FitView):
 def _spectrum_and_fit_u16(  # type: ignore[no-untyped-def]
     image, background, ymin, ymax, axis, normalised_axis, axis_numbers, fit_enabled, min_snr,
     max_iterations,
-):
+):  # the arguments after ymax: FramePlan.fit_args
     """The camera's case in one compiled call: uint16 kernel, then moments and fit.
 
     Returns (spectrum, fitted curve, `analyse` result). Straight after the kernel has
@@ -507,7 +499,7 @@ def _spectrum_and_fit_u16(  # type: ignore[no-untyped-def]
         values[c] = out[c]
     curve = np.empty(width)
     analysis = analyse_on_axis(
-        axis, normalised_axis, axis_numbers, values, fit_enabled, min_snr, max_iterations, curve
+        values, curve, axis, normalised_axis, axis_numbers, fit_enabled, min_snr, max_iterations
     )
     return out, curve, analysis
 
@@ -533,20 +525,17 @@ def process(image: np.ndarray, settings: Settings) -> Result:
 
 
 def _process_planned(image: np.ndarray, plan: FramePlan) -> Result:
-    if plan.camera_args is not None:
-        out, curve, analysis = _spectrum_and_fit_u16(image, *plan.camera_args)
-        return Result(out, plan.axis, plan.rows, result_of(analysis, curve))
-    ymin, ymax = plan.rows
-    out = np.zeros(image.shape[1], dtype=plan.spectrum_dtype)
-    _add_rows(image, plan.background, ymin, ymax, out)
-    fit = fit_spectrum(
-        plan.axis,
-        out,
-        enabled=plan.fit_enabled,
-        min_snr=plan.min_snr,
-        max_iterations=plan.max_iterations,
-    )
-    return Result(out, plan.axis, plan.rows, fit)
+    if plan.camera_case:
+        out, curve, analysis = _spectrum_and_fit_u16(
+            image, plan.background, *plan.rows, *plan.fit_args
+        )
+    else:
+        out = np.zeros(image.shape[1], dtype=plan.spectrum_dtype)
+        _add_rows(image, plan.background, *plan.rows, out)
+        curve = np.empty(out.shape[0])
+        values = out.astype(np.float64, copy=False)
+        analysis = analyse_on_axis(values, curve, *plan.fit_args)
+    return Result(out, plan.axis, plan.rows, result_of(analysis, curve))
 
 
 def warm_up() -> None:

@@ -230,7 +230,7 @@ def test_a_prepared_axis_gives_the_same_fit_and_leaves_the_callers_array_writabl
     assert x.flags.writeable
     curve = np.empty(x.size)
     ours = result_of(
-        analyse_on_axis(x, prepared.normalised, prepared.numbers, y, True, 5.0, 50, curve), curve
+        analyse_on_axis(y, curve, x, prepared.normalised, prepared.numbers, True, 5.0, 50), curve
     )
     reference = fit_spectrum(x, y)
     assert ours.status is FitStatus.OK
