@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from psss_ioc.fit import fit_spectrum
 from psss_ioc.processing import (
+    MAX_OUTLIER_FRACTION,
     FitStatus,
     FrameMismatchError,
     RunningAverage,
     Settings,
+    compact_background,
     process,
     spectrum,
 )
@@ -248,6 +250,18 @@ def test_fit_disabled_still_gives_spectrum_and_moments():
     assert result.com == pytest.approx(180.0, abs=0.5)
 
 
+def _dark_frame(rng: np.random.Generator, shape, outliers: int = 0, pedestal: int = 100):
+    """A camera dark frame: a pedestal with pixel and column patterns, and `outliers` hot
+    (and, on a high pedestal, dead) pixels outside any 256-count window around it."""
+    dark = pedestal + rng.normal(0, 1.5, shape) + rng.normal(0, 2.0, shape[1])
+    dark = np.clip(np.rint(dark), 0, 65535).astype(np.uint16)
+    where = rng.choice(dark.size, outliers, replace=False)
+    far = [v for v in (0, pedestal + 400, pedestal + 5000, 65535) if abs(v - pedestal) > 300]
+    far = [v for v in far if v <= 65535]
+    dark.flat[where] = rng.choice(far, outliers)
+    return dark
+
+
 @pytest.mark.parametrize("roi", [None, (0, 1), (3, 5), (3, 6), (10, 25), (31, 32)])
 @pytest.mark.parametrize("with_axis", [False, True])
 @pytest.mark.parametrize("fit_enabled", [True, False])
@@ -255,17 +269,18 @@ def test_fit_disabled_still_gives_spectrum_and_moments():
 def test_camera_frames_take_one_compiled_call_with_the_same_results(
     roi, with_axis, fit_enabled, contiguous
 ):
-    """uint16 frame and background (one compiled call) = spectrum() then fit_spectrum()."""
+    """uint16 frame and a dark frame (one compiled call) = spectrum() then fit_spectrum()."""
     rng = np.random.default_rng(5)
     line = _line_image(180.0, 12.0, rows=(0, 32)) * 40
-    frame = rng.poisson(line).astype(np.uint16)
+    frame = rng.poisson(line + 100).astype(np.uint16)
     frame[rng.random(frame.shape) < 0.01] = 65535
-    background = rng.integers(0, 5000, frame.shape, dtype=np.uint16)
+    background = _dark_frame(rng, frame.shape, outliers=20)
     if not contiguous:
         frame = np.repeat(frame, 2, axis=1)[:, ::2]
         assert not frame.flags.c_contiguous
     axis = np.linspace(9400.0, 9001.0, 400) if with_axis else None  # decreasing eV
     settings = Settings(roi=roi, background=background, axis=axis, fit_enabled=fit_enabled)
+    assert settings.plan_for(frame.shape, frame.dtype).compact_background is not None
     result = process(frame, settings)
     ymin, ymax = roi if roi else (0, frame.shape[0])
     expected = spectrum(frame, settings)
@@ -284,6 +299,70 @@ def test_camera_frames_take_one_compiled_call_with_the_same_results(
         np.testing.assert_array_equal(result.fit_curve, fit.curve)
     if fit_enabled and roi in (None, (10, 25)):
         assert result.fit_ok, result.fit_reason
+
+
+def test_compact_background_holds_the_dark_frame_exactly():
+    rng = np.random.default_rng(3)
+    dark = _dark_frame(rng, (60, 300), outliers=25, pedestal=1000)
+    dark[0, 0], dark[-1, -1], dark[7, 299] = 65535, 0, 3000  # at the corners and a row's end
+    compact = compact_background(dark)
+    assert compact is not None
+    assert compact.offsets.dtype == np.uint8 and compact.offsets.flags.c_contiguous
+    rebuilt = compact.offsets.astype(np.int64) + compact.base
+    for r in range(dark.shape[0]):
+        span = slice(compact.row_starts[r], compact.row_starts[r + 1])
+        rebuilt[r, compact.columns[span]] = compact.values[span]
+    assert np.array_equal(rebuilt, dark)
+    n_outliers = int(compact.row_starts[-1])
+    assert n_outliers == int(((dark < compact.base) | (dark > compact.base + 255)).sum())
+    assert n_outliers <= 30  # the window sits on the pedestal, not on an outlier
+    with pytest.raises(ValueError):
+        compact.offsets[0, 0] = 1  # read-only, as the settings it belongs to
+
+
+def test_dark_frames_that_do_not_compact_are_used_as_they_are():
+    rng = np.random.default_rng(4)
+    wide = rng.integers(0, 5000, (20, 64), dtype=np.uint16)
+    too_many = _dark_frame(rng, (20, 64), outliers=int(20 * 64 * MAX_OUTLIER_FRACTION) + 1)
+    just_enough = _dark_frame(rng, (20, 64), outliers=int(20 * 64 * MAX_OUTLIER_FRACTION))
+    assert compact_background(wide) is None
+    assert compact_background(too_many) is None
+    assert compact_background(just_enough) is not None
+    assert compact_background(wide.astype(np.int32)) is None  # the camera's uint16 only
+    frame = rng.poisson(300, (20, 64)).astype(np.uint16)
+    frame[5, :] = 65535
+    for dark in (wide, too_many, just_enough, np.full((20, 64), 65535, np.uint16)):
+        for roi in (None, (0, 1), (5, 6), (2, 19)):
+            ymin, ymax = roi if roi else (0, 20)
+            result = process(frame, Settings(roi=roi, background=dark))
+            assert [int(v) for v in result.spectrum] == [
+                int(v) for v in _reference(frame, dark, ymin, ymax)
+            ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    height=st.integers(1, 24),
+    width=st.integers(1, 300),
+    outliers=st.integers(0, 8),
+    pedestal=st.sampled_from([0, 100, 30000, 65400]),
+)
+def test_spectrum_with_a_compact_background_is_exact(seed, height, width, outliers, pedestal):
+    """Outliers anywhere (first, odd and last rows, both ends of a row), pedestals at the
+    ends of the uint16 range, any ROI: the spectrum equals the int64 definition."""
+    rng = np.random.default_rng(seed)
+    outliers = min(outliers, int(height * width * MAX_OUTLIER_FRACTION))  # still compacts
+    dark = _dark_frame(rng, (height, width), outliers, pedestal)
+    frame = rng.integers(0, 65535, (height, width), dtype=np.uint16, endpoint=True)
+    frame[rng.random(frame.shape) < 0.5] = pedestal + 3
+    ymin = int(rng.integers(0, height))
+    ymax = int(rng.integers(ymin + 1, height + 1))
+    settings = Settings(roi=(ymin, ymax), background=dark)
+    assert settings.plan_for(frame.shape, frame.dtype).compact_background is not None
+    expected = [int(v) for v in _reference(frame, dark, ymin, ymax)]
+    assert [int(v) for v in spectrum(frame, settings)] == expected
+    assert [int(v) for v in process(frame, settings).spectrum] == expected
 
 
 def test_results_are_immutable():
