@@ -237,3 +237,27 @@ def test_a_prepared_axis_gives_the_same_fit_and_leaves_the_callers_array_writabl
     for name in ("center", "sigma", "amplitude", "offset", "chi2_reduced", "com", "rms"):
         assert getattr(ours, name) == getattr(reference, name), name
     np.testing.assert_array_equal(ours.curve, reference.curve)
+
+
+def test_spiky_sase_spectra_converge_in_few_steps_to_the_least_squares_minimum():
+    """A Gaussian describes a SASE spectrum only roughly: the residuals stay large, and
+    Gauss-Newton alone converged linearly (up to 105 LM steps on the simulated camera's
+    shots). With the residuals' curvature (Newton's model) a few steps reach the minimum
+    that scipy's least_squares finds with tight tolerances."""
+    from scipy.optimize import least_squares
+
+    from psss_ioc.simulate import SimConfig, SimulatedCamera
+
+    camera = SimulatedCamera(SimConfig(height=200, width=2560, pool=24, seed=3))
+    x = np.arange(2560, dtype=np.float64)
+    for image in camera.images:
+        y = np.clip(image.astype(np.int64) - camera.background, 0, None).sum(0).astype(float)
+        result = fit_spectrum(x, y)
+        assert result.status is FitStatus.OK, result.reason
+        assert result.iterations <= 30  # all levels, coarse and full
+        start = [result.amplitude, result.center, result.sigma, result.offset]
+        best = least_squares(
+            lambda p, y=y: model(x, *p) - y, start, method="lm", xtol=1e-15, ftol=1e-15
+        ).x
+        assert result.center == pytest.approx(best[1], abs=0.05)  # columns; line ~200 wide
+        assert result.sigma == pytest.approx(best[2], rel=1e-3)
