@@ -180,9 +180,9 @@ class Settings:
             bg_dtype = background.dtype if background is not None else None
             out_dtype = np.dtype(spectrum_dtype(image_dtype, bg_dtype, ymax - ymin))
             axis = self.axis if self.axis is not None else _column_axis(shape[1])
-            compact = None  # only one plan can be the camera's: no cache of its own needed
+            compact = None
             if background is not None and _is_camera_case(image_dtype, bg_dtype, out_dtype):
-                compact = compact_background(background)
+                compact = _compacted(background)
             plan = FramePlan(
                 (ymin, ymax),
                 background,
@@ -294,6 +294,24 @@ class CompactBackground(NamedTuple):
     row_starts: np.ndarray  # int64, height + 1: row r's outliers are [row_starts[r], [r + 1])
     columns: np.ndarray  # int64, the outliers' columns, row by row
     values: np.ndarray  # uint16, the outliers' true background
+
+
+# The compact forms of the frozen backgrounds in use, by id (an entry goes when its array
+# does): Settings made from one another share their background, and a change of ROI or fit
+# options must not compact a full dark frame again (70 ms in the worker thread).
+_COMPACTED: dict[int, CompactBackground | None] = {}
+
+
+def _compacted(background: np.ndarray) -> CompactBackground | None:
+    """`compact_background` of a frozen background, once per array."""
+    key = id(background)
+    if key in _COMPACTED and _is_frozen(background):
+        return _COMPACTED[key]
+    compact = compact_background(background)
+    if _is_frozen(background):
+        _COMPACTED[key] = compact
+        weakref.finalize(background, _COMPACTED.pop, key, None)
+    return compact
 
 
 def compact_background(background: np.ndarray) -> CompactBackground | None:

@@ -326,6 +326,25 @@ def test_compact_background_holds_the_dark_frame_exactly():
         compact.offsets[0, 0] = 1  # read-only, as the settings it belongs to
 
 
+def test_settings_made_from_settings_share_the_compact_background():
+    import gc
+
+    from psss_ioc import processing
+
+    rng = np.random.default_rng(8)
+    frame = rng.poisson(300, (40, 600)).astype(np.uint16)
+    first = Settings(roi=(0, 40), background=_dark_frame(rng, frame.shape, outliers=3))
+    second = dataclasses.replace(first, roi=(5, 30), fit_enabled=False)
+    compact = first.plan_for(frame.shape, frame.dtype).compact_background
+    assert compact is not None
+    assert second.plan_for(frame.shape, frame.dtype).compact_background is compact
+    key = id(first.background)
+    assert key in processing._COMPACTED
+    del first, second, compact
+    gc.collect()
+    assert key not in processing._COMPACTED  # goes with its background
+
+
 def test_dark_frames_that_do_not_compact_are_used_as_they_are():
     rng = np.random.default_rng(4)
     wide = rng.integers(0, 5000, (20, 64), dtype=np.uint16)
