@@ -541,7 +541,7 @@ def _levenberg_marquardt(
                 model = jtj
             if solved:
                 if lam <= 1e-3 and _predicted_decrease(model, jtr, step) <= _FTOL * chi2:
-                    # Near Gauss-Newton and the quadratic model promises nothing more:
+                    # Nearly undamped and the quadratic model promises nothing more:
                     # converged, without paying for one more evaluation to confirm it.
                     return True, iteration, chi2
                 for j in range(4):

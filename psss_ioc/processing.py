@@ -304,14 +304,13 @@ _COMPACTED: dict[int, CompactBackground | None] = {}
 
 def _compacted(background: np.ndarray) -> CompactBackground | None:
     """`compact_background` of a frozen background, once per array."""
+    if not _is_frozen(background):
+        return compact_background(background)
     key = id(background)
-    if key in _COMPACTED and _is_frozen(background):
-        return _COMPACTED[key]
-    compact = compact_background(background)
-    if _is_frozen(background):
-        _COMPACTED[key] = compact
+    if key not in _COMPACTED:
+        _COMPACTED[key] = compact_background(background)
         weakref.finalize(background, _COMPACTED.pop, key, None)
-    return compact
+    return _COMPACTED[key]
 
 
 def compact_background(background: np.ndarray) -> CompactBackground | None:
@@ -329,10 +328,12 @@ def compact_background(background: np.ndarray) -> CompactBackground | None:
     offsets = np.ascontiguousarray((np.clip(background, base, top) - base).astype(np.uint8))
     rows, columns = np.nonzero((background < base) | (background > top))  # row by row
     row_starts = np.searchsorted(rows, np.arange(background.shape[0] + 1)).astype(np.int64)
-    values = np.ascontiguousarray(background[rows, columns])
-    for array in (offsets, row_starts, columns, values):
-        array.setflags(write=False)
-    return CompactBackground(base, offsets, row_starts, columns.astype(np.int64), values)
+    compact = CompactBackground(
+        base, offsets, row_starts, columns.astype(np.int64), background[rows, columns]
+    )
+    for array in compact[1:]:
+        array.setflags(write=False)  # shared by every Settings on this background
+    return compact
 
 
 def spectrum_dtype(image_dtype: np.dtype, background_dtype: np.dtype | None, rows: int) -> Any:
@@ -490,7 +491,11 @@ def _sum_rows_int(image, ymin, ymax, out):  # type: ignore[no-untyped-def]
 def spectrum(image: np.ndarray, settings: Settings) -> np.ndarray:
     """Background-subtracted, clipped row sum over the ROI: exact for integer images."""
     image = _kernel_image(image)
-    plan = settings.plan_for(image.shape, image.dtype)
+    return _planned_spectrum(image, settings.plan_for(image.shape, image.dtype))
+
+
+def _planned_spectrum(image: np.ndarray, plan: FramePlan) -> np.ndarray:
+    """The spectrum by the plan's kernel (the one-call path below runs the same kernels)."""
     out = np.zeros(image.shape[1], dtype=plan.spectrum_dtype)
     if plan.compact_background is not None:
         _sum_rows_minus_compact_background(image, *plan.compact_background, *plan.rows, out)
@@ -670,8 +675,7 @@ def _process_planned(image: np.ndarray, plan: FramePlan) -> Result:
             image, *plan.compact_background, *plan.rows, *plan.fit_args
         )
     else:
-        out = np.zeros(image.shape[1], dtype=plan.spectrum_dtype)
-        _add_rows(image, plan.background, *plan.rows, out)
+        out = _planned_spectrum(image, plan)
         curve = np.empty(out.shape[0])
         values = out.astype(np.float64, copy=False)
         analysis = analyse_on_axis(values, curve, *plan.fit_args)

@@ -324,6 +324,7 @@ def test_compact_background_holds_the_dark_frame_exactly():
     assert n_outliers <= 30  # the window sits on the pedestal, not on an outlier
     with pytest.raises(ValueError):
         compact.offsets[0, 0] = 1  # read-only, as the settings it belongs to
+    assert not any(array.flags.writeable for array in compact[1:])
 
 
 def test_settings_made_from_settings_share_the_compact_background():
