@@ -116,13 +116,24 @@ def measure_ceiling(height: int, width: int, seconds: float) -> float:
             context.term()
 
 
+def _relay_cpu_times(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
+    """(user, system) CPU seconds of the relay, to the microsecond (it measures itself)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b"cpu\n")
+    proc.stdin.flush()
+    answer = proc.stdout.readline().decode().split()
+    if len(answer) != 3 or answer[0] != "cpu":
+        raise click.ClickException(f"relay gave no CPU times: {answer!r}")
+    return float(answer[1]), float(answer[2])
+
+
 def measure_transport_floor(rate: float, height: int, width: int, seconds: float,
                             forward: bool = True) -> tuple[float, float]:
     """(all, user) CPU ms per frame of a bare relay (receive + forward; `bench/relay.py`)."""
     with SimulatorProcess(_simulator_args(rate, height, width, drop=True)) as camera:
         args = [camera.address, *([] if forward else ["--receive-only"])]
         proc = subprocess.Popen([sys.executable, "-m", "psss_ioc.bench.relay", *args],
-                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                                stdout=subprocess.PIPE, stdin=subprocess.PIPE)
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline().decode()
@@ -131,12 +142,14 @@ def measure_transport_floor(rate: float, height: int, width: int, seconds: float
             counter = StreamCounter(line.split()[-1])
             try:
                 time.sleep(2.0)  # connections and warm-up
-                count0, (user0, sys0) = counter.count, process_cpu_times(proc.pid)
+                count0, (user0, sys0) = counter.count, _relay_cpu_times(proc)
                 time.sleep(seconds)
-                count1, (user1, sys1) = counter.count, process_cpu_times(proc.pid)
+                count1, (user1, sys1) = counter.count, _relay_cpu_times(proc)
             finally:
                 counter.close()
         finally:
+            if proc.stdin is not None:
+                proc.stdin.close()
             stop_process(proc)
     frames = max(count1 - count0, 1)
     user, system = 1e3 * (user1 - user0) / frames, 1e3 * (sys1 - sys0) / frames

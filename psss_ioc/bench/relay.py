@@ -5,7 +5,10 @@ zero-copy) to an output consumer - and nothing else.
 ``python -m psss_ioc.bench.relay IN_ADDRESS [--receive-only]`` binds a PUSH socket on a free
 loopback port, prints ``relay on tcp://127.0.0.1:PORT`` and relays until SIGTERM (with
 ``--receive-only`` it forwards only each message's small main header, as an IOC that does not
-forward the image sends only small result messages). Its CPU time per frame is
+forward the image sends only small result messages). Each line written to its stdin is
+answered with ``cpu USER SYSTEM``: its CPU seconds so far, all threads, to the microsecond
+(``getrusage``; /proc counts 10 ms clock ticks, more than a short window of small frames
+costs a relay). Its CPU time per frame is
 the least CPU any process can spend per frame on this machine to receive and forward an image
 over TCP (two kernel copies of it); the IOC's CPU per frame is compared with it.
 """
@@ -13,11 +16,18 @@ over TCP (two kernel copies of it); the IOC's CPU per frame is compared with it.
 from __future__ import annotations
 
 import contextlib
+import resource
 import signal
 import sys
 import threading
 
 import zmq
+
+
+def _answer_cpu_queries() -> None:
+    for _ in sys.stdin:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        print(f"cpu {usage.ru_utime} {usage.ru_stime}", flush=True)
 
 
 def relay(in_address: str, forward: bool = True) -> None:
@@ -33,6 +43,7 @@ def relay(in_address: str, forward: bool = True) -> None:
     sink.setsockopt(zmq.LINGER, 0)
     port = sink.bind_to_random_port("tcp://127.0.0.1")
     print(f"relay on tcp://127.0.0.1:{port}", flush=True)
+    threading.Thread(target=_answer_cpu_queries, daemon=True).start()
     try:
         while not stop.is_set():
             try:
