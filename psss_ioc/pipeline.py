@@ -12,6 +12,10 @@ The requested value is kept: when the frames fit it again (the camera is back to
 is in force again by itself and the publisher is told so.
 An unexpected exception is logged with its traceback, shown as state ERROR with the reason for
 a few seconds, counted, and the loop goes on with the next frame.
+Input that arrives but gives no spectrum for a reason the operator has to fix (messages without
+the image channel, images that are 1-D or of a type process() cannot take) is shown as state
+NO_IMAGE_CHANNEL or BAD_IMAGE with the reason and the fix in MESSAGE (`SourceFault`), once no
+good frame came for `wait_timeout`; the state clears by itself with the next good frame.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from psss_ioc.processing import (
     RunningAverage,
     Settings,
     process,
+    roi_rows,
 )
 from psss_ioc.pvs import State
 from psss_ioc.ratelimit import RateLimitedLog
@@ -67,6 +72,26 @@ class ResultSink(Protocol):
 
 
 SourceFactory = Callable[[str, str], FrameSource]
+
+# SourceFault kinds
+MISSING_CHANNEL = "missing_channel"
+BAD_IMAGE = "bad_image"
+FAULT_STATES = {MISSING_CHANNEL: State.NO_IMAGE_CHANNEL, BAD_IMAGE: State.BAD_IMAGE}
+
+
+@dataclass(frozen=True)
+class SourceFault:
+    """Input that arrives but gives no spectrum, for a reason the operator has to fix: the
+    messages lack the image channel (MISSING_CHANNEL; `channels_seen`: the image-like channels
+    they carry) or their image cannot be processed (BAD_IMAGE; `reason`). Reported by the
+    source (`source_fault`) or found by the pipeline itself; the pipeline decides the state."""
+
+    kind: str
+    time: float  # time.monotonic() of the last message or frame showing it
+    channel: str = ""  # the image channel expected
+    channels_seen: tuple[str, ...] = ()
+    n_channels: int = 0  # channels in the last message without the image channel, all kinds
+    reason: str = ""
 
 
 class Publisher(Protocol):
@@ -163,7 +188,8 @@ def _is_default(settings: Settings, kind: str) -> bool:
 
 def _requested_text(kind: str, settings: Settings) -> str:
     if kind == "roi" and settings.roi is not None:
-        return f"ROI rows [{settings.roi[0]}, {settings.roi[1]})"
+        ymin, ymax = settings.roi
+        return f"ROI rows [{ymin}, {ymax})" if ymax else f"ROI rows from {ymin}"
     if kind == "background_shape":
         return f"background {settings.background_name or '(uploaded)'}"
     if kind == "axis_length" and settings.axis is not None:
@@ -174,7 +200,7 @@ def _requested_text(kind: str, settings: Settings) -> str:
 def _in_force_text(kind: str, settings: Settings, shape: tuple[int, ...]) -> str:
     """What is used instead of a refused setting of `kind`."""
     if kind == "roi":
-        ymin, ymax = settings.roi if settings.roi is not None else (0, shape[0])
+        ymin, ymax = roi_rows(settings.roi, shape[0])
         return f"using rows [{ymin}, {ymax})"
     if kind == "background_shape":
         if settings.background is None:
@@ -183,6 +209,42 @@ def _in_force_text(kind: str, settings: Settings, shape: tuple[int, ...]) -> str
     if settings.axis is None:
         return "using the column index as axis"
     return "keeping the previous energy axis"
+
+
+def _image_problem(image: Any) -> tuple[str, str] | None:
+    """Why no spectrum can be made of `image` whatever the settings, as (reason, detail for
+    the log), or None. The dtype is process()'s to judge."""
+    if not isinstance(image, np.ndarray):
+        return f"the image is a {type(image).__name__}, not an array", ""
+    if image.ndim != 2:
+        # the shape goes to the log only: MESSAGE changes when the reason does, not per frame
+        return f"the image is {image.ndim}-D, not 2-D", f"shape {image.shape}"
+    if 0 in image.shape:
+        return "the image is empty", f"shape {image.shape}"
+    return None
+
+
+def _same_fault(a: SourceFault | None, b: SourceFault | None) -> bool:
+    """Whether `a` and `b` tell the operator the same (their times do not matter)."""
+    return a is not None and b is not None and (
+        (a.kind, a.channel, a.channels_seen, a.reason)
+        == (b.kind, b.channel, b.channels_seen, b.reason)
+    )
+
+
+def _fault_text(fault: SourceFault, address: str) -> str:
+    """MESSAGE for a fault: what is wrong and how to fix it."""
+    if fault.kind != MISSING_CHANNEL:
+        return f"Image not usable: {fault.reason}; frames from {address} are skipped"
+    if fault.channels_seen:
+        seen = f"image-like channels in it: {', '.join(fault.channels_seen)}"
+    else:
+        seen = f"none of its {fault.n_channels} channels looks like a camera image"
+    option = "--image-channel " + (fault.channels_seen[0] if len(fault.channels_seen) == 1
+                                   else "CHANNEL")
+    return (f"No image channel: the stream {address} has no channel {fault.channel!r}; {seen}. "
+            f"Is the IOC prefix the camera's? Else run the IOC with {option} "
+            f"(psss_processing: --image_channel)")
 
 
 class Pipeline:
@@ -195,6 +257,9 @@ class Pipeline:
         wait_timeout: seconds without a frame before the state becomes "Waiting for stream".
         error_hold: seconds an unexpected error keeps the state at ERROR.
         stats_period: seconds between statistics updates.
+        source_counters: the source's error counters by kind (for the statistics).
+        source_fault: what the source saw in messages it made no frame of (see `SourceFault`),
+            or None; asked while no good frame arrives.
     """
 
     def __init__(
@@ -208,6 +273,7 @@ class Pipeline:
         error_hold: float = 3.0,
         stats_period: float = 0.5,
         source_counters: Callable[[FrameSource], dict[str, int]] | None = None,
+        source_fault: Callable[[FrameSource], SourceFault | None] | None = None,
     ) -> None:
         self._factory = source_factory
         self.publisher: Publisher = publisher or NullPublisher()
@@ -222,6 +288,7 @@ class Pipeline:
         self.error_hold = error_hold
         self.stats_period = stats_period
         self._source_counters = source_counters
+        self._source_fault = source_fault
         self._input: tuple[str, str] = ("", "PULL")
         self._input_changed = threading.Event()
         self._stop = threading.Event()
@@ -259,6 +326,12 @@ class Pipeline:
     def image_shape(self) -> tuple[int, int] | None:
         """(height, width) of the last frame, None before the first frame."""
         return self._image_shape
+
+    @property
+    def fault(self) -> SourceFault | None:
+        """Why the state is NO_IMAGE_CHANNEL or BAD_IMAGE; None in any other state."""
+        fault = self._fault
+        return fault if fault is not None and self._state == FAULT_STATES[fault.kind] else None
 
     @property
     def input(self) -> tuple[str, str]:
@@ -362,13 +435,17 @@ class Pipeline:
         self._processing_start_time: float | None = None
         self._last_sent_time: float | None = None
         self._last_frame_time: float | None = None
+        self._last_good_time: float | None = None  # of the last frame processed
         self._last_error_time: float = -1e9
+        self._fault: SourceFault | None = None  # the last one shown (state or notice)
         self._rate_mark = (time.monotonic(), 0)
         self._next_stats = 0.0
 
     def _set_state(self, state: State, message: str = "", error: bool = False) -> None:
         changed = state != self._state
         self._state = state
+        if changed and state not in FAULT_STATES.values():
+            self._fault = None  # the same fault coming back is news again
         if changed or message:
             self.publisher.publish_state(state, message)
             if message:
@@ -406,7 +483,7 @@ class Pipeline:
                     self._stop.wait(0.1)
                     continue
                 if frame is None:
-                    self._idle()
+                    self._idle(source)
                 else:
                     self._handle(frame)
                 self._maybe_publish_statistics(source)
@@ -431,6 +508,7 @@ class Pipeline:
             self._set_state(State.ERROR, f"cannot open input stream {address}: {e}", error=True)
             return None
         self._last_frame_time = None
+        self._last_good_time = None
         self._set_state(State.WAITING, f"waiting for stream {address} ({mode})")
         return source
 
@@ -443,9 +521,11 @@ class Pipeline:
         except Exception:
             log.exception("closing the input stream failed")
 
-    def _idle(self) -> None:
+    def _idle(self, source: FrameSource) -> None:
         now = time.monotonic()
         if self._state == State.ERROR and now - self._last_error_time < self.error_hold:
+            return
+        if self._check_source_fault(source, now):
             return
         last = self._last_frame_time
         if self._state != State.WAITING and (last is None or now - last >= self.wait_timeout):
@@ -453,6 +533,55 @@ class Pipeline:
                 State.WAITING,
                 f"waiting for stream {self._input[0]}: no frame for {self.wait_timeout:g} s",
             )
+
+    def _check_source_fault(self, source: FrameSource | None, now: float) -> bool:
+        """Show what the source saw in the messages it made no frame of, while it lasts;
+        True if that is the state now."""
+        if source is None or self._source_fault is None:
+            return False
+        try:
+            fault = self._source_fault(source)
+        except Exception:
+            self._log("source_fault", logging.ERROR, "reading the input stream's faults failed",
+                      exc_info=True)
+            return False
+        if fault is None or now - fault.time >= self.wait_timeout:
+            return False  # none, or messages stopped coming: "Waiting for stream" says so
+        if self._last_good_time is not None and fault.time <= self._last_good_time:
+            return False  # from before the last good frame
+        return self._show_fault(fault, now)
+
+    def _show_fault(self, fault: SourceFault, now: float) -> bool:
+        """Make `fault` the state (alarmed, the reason in MESSAGE) unless good frames came
+        within `wait_timeout`: then it is one notice. True if it is the state.
+
+        MESSAGE is written when the state is entered or what it names changes (other channels
+        seen, another reason), never per message.
+        """
+        if self._state == State.ERROR and now - self._last_error_time < self.error_hold:
+            return True  # an unexpected error stays shown for error_hold first
+        good = self._last_good_time
+        if good is not None and now - good < self.wait_timeout:
+            if not _same_fault(fault, self._fault):
+                self._fault = fault
+                self.publisher.publish_message(_fault_text(fault, self._input[0]), error=True)
+            return False
+        state = FAULT_STATES[fault.kind]
+        if self._state != state or not _same_fault(fault, self._fault):
+            self._fault = fault
+            self._set_state(state, _fault_text(fault, self._input[0]), error=True)
+        else:
+            self._fault = fault  # the same fault, seen later
+        return True
+
+    def _bad_frame(self, frame: FrameLike, reason: str, detail: str) -> None:
+        """A frame no spectrum can be made of: counted, logged (rate-limited) and shown."""
+        self._count_error("bad_image")
+        self._n_skipped += 1
+        self._log("bad_image", logging.WARNING,
+                  f"frame {frame.pulse_id}: {reason} ({detail}); skipped")
+        now = time.monotonic()
+        self._show_fault(SourceFault(BAD_IMAGE, now, reason=reason), now)
 
     def _handle(self, frame: FrameLike) -> None:
         t0 = time.perf_counter()
@@ -462,18 +591,24 @@ class Pipeline:
         try:
             self._count_pulse(frame.pulse_id)
             image = frame.image
-            if not isinstance(image, np.ndarray) or image.ndim != 2:
-                shape = getattr(image, "shape", None)
-                self._count_error("bad_image")
-                self._n_skipped += 1
-                self._log("bad_image", logging.WARNING, f"frame {frame.pulse_id}: image is not "
-                          f"a 2-D array (shape {shape}); skipped")
+            problem = _image_problem(image)
+            if problem is not None:
+                self._bad_frame(frame, *problem)
                 return
             self._note_shape(image.shape)
-            result = self._process(image)
+            try:
+                result = self._process(image)
+            except FrameMismatchError as e:
+                if e.kind != "image":  # (the settings' kinds are resolved in _settings_for)
+                    raise
+                # what process() cannot take (a dtype it has no kernel for): the same
+                self._bad_frame(frame, f"image type {image.dtype} cannot be processed "
+                                "(integer and float images can)", str(e))
+                return
             if result is None:
                 self._n_skipped += 1
                 return
+            self._last_good_time = time.monotonic()
             settings = self._in_force
             average = self._add_to_average(result, settings)
             if self._sender is not None:
@@ -633,6 +768,6 @@ class Pipeline:
             last = self._last_frame_time
             if last is not None and now - last < self.wait_timeout:
                 self._set_state(State.PROCESSING, f"processing {self._input[0]}")
-            else:
+            elif not self._check_source_fault(source, now):
                 self._set_state(State.WAITING, f"waiting for stream {self._input[0]}")
         self.publisher.publish_statistics(self.statistics())

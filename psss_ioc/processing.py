@@ -92,7 +92,8 @@ class FramePlan(NamedTuple):
 class Settings:
     """One consistent set of processing settings; build a new one to change anything.
 
-    - ``roi``: rows ``[ymin, ymax)`` summed into the spectrum, or None for the whole image.
+    - ``roi``: rows ``[ymin, ymax)`` summed into the spectrum, or None for the whole image;
+      ``ymax == 0`` means "to the last row" (the EPICS convention of the limit records).
     - ``background``: dark frame subtracted as ``max(image - background, 0)``, or None.
     - ``background_name``: where the background came from (reported, not used).
     - ``axis``: energy (eV) of each column, strictly monotonic, or None for the column index.
@@ -151,10 +152,11 @@ class Settings:
         if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
             raise FrameMismatchError("image", f"image must be 2-D and non-empty, got {shape}")
         height, width = shape
-        ymin, ymax = self.roi if self.roi is not None else (0, height)
-        if ymax > height:
+        ymin, ymax = roi_rows(self.roi, height)
+        if ymax > height or ymin >= ymax:  # (ymin, 0) with ymin >= height: no row left
+            rows = f"[{ymin}, {ymax})" if self.roi is None or self.roi[1] else f"from {ymin}"
             raise FrameMismatchError(
-                "roi", f"ROI rows [{ymin}, {ymax}) exceed the image height {height}"
+                "roi", f"ROI rows {rows} exceed the image height {height}"
             )
         if self.background is not None and self.background.shape != shape:
             raise FrameMismatchError(
@@ -205,6 +207,14 @@ class Settings:
         return cached
 
 
+def roi_rows(roi: tuple[int, int] | None, height: int) -> tuple[int, int]:
+    """The rows ``[ymin, ymax)`` a ROI setting means for an image of `height` rows."""
+    if roi is None:
+        return 0, height
+    ymin, ymax = roi
+    return ymin, ymax if ymax else height
+
+
 def _validated_roi(roi: Any) -> tuple[int, int]:
     if isinstance(roi, str | bytes):
         raise ValueError(f"ROI must be a pair [ymin, ymax], not {roi!r}")
@@ -218,7 +228,9 @@ def _validated_roi(roi: Any) -> tuple[int, int]:
     ymin, ymax = int(ymin), int(ymax)
     if ymin < 0:
         raise ValueError(f"ROI ymin must not be negative, got {ymin}")
-    if ymin >= ymax:
+    if ymax < 0:
+        raise ValueError(f"ROI ymax must not be negative, got {ymax}")
+    if ymax and ymin >= ymax:
         raise ValueError(f"ROI ymin ({ymin}) must be less than ymax ({ymax})")
     return ymin, ymax
 

@@ -65,8 +65,8 @@ class PV:
     desc: str
     egu: str = ""
     prec: int | None = None
-    low: float | None = None  # LOPR (inputs) or DRVL (outputs)
-    high: float | None = None  # HOPR (inputs) or DRVH (outputs)
+    low: float | None = None  # LOPR; writable records refuse values outside low..high
+    high: float | None = None  # HOPR
     initial: Any = None
     dtype: str | None = None  # waveforms: numpy dtype name
     nelm: int | None = None  # waveforms and long strings
@@ -98,6 +98,8 @@ class State(IntEnum):
     WAITING = 1
     PROCESSING = 2
     ERROR = 3
+    NO_IMAGE_CHANNEL = 4  # messages arrive, but without the image channel
+    BAD_IMAGE = 5  # frames arrive, but none can be processed (1-D, unsupported type, ...)
 
 
 STATE_LABELS = {
@@ -105,6 +107,16 @@ STATE_LABELS = {
     State.WAITING: "Waiting for stream",
     State.PROCESSING: "Processing",
     State.ERROR: "Error",
+    State.NO_IMAGE_CHANNEL: "No image channel",
+    State.BAD_IMAGE: "Image not usable",
+}
+STATE_SEVERITIES = {
+    State.STOPPED: NO_ALARM,
+    State.WAITING: MINOR,
+    State.PROCESSING: NO_ALARM,
+    State.ERROR: MAJOR,
+    State.NO_IMAGE_CHANNEL: MAJOR,
+    State.BAD_IMAGE: MAJOR,
 }
 
 
@@ -123,7 +135,8 @@ class SettingState(IntEnum):
     """ROI_STATUS / AXIS_STATUS: does the requested setting fit the frames?"""
 
     OK = 0
-    INVALID = 1
+    INVALID = 1  # does not fit the image
+    PAIR_INVALID = 2  # ROI only: the limits written are no pair (ymin >= ymax > 0); waits
 
 
 # Labels of FIT_STATUS, in the order of processing.FitStatus (OK=0 ... DISABLED=4).
@@ -134,12 +147,7 @@ START = PV("START", Kind.ACTION, "Start processing (write 1)")
 STOP = PV("STOP", Kind.ACTION, "Stop processing (write 1)")
 STATUS = PV(
     "STATUS", Kind.MBB_IN, "Processing state",
-    options=(
-        (STATE_LABELS[State.STOPPED], NO_ALARM),
-        (STATE_LABELS[State.WAITING], MINOR),
-        (STATE_LABELS[State.PROCESSING], NO_ALARM),
-        (STATE_LABELS[State.ERROR], MAJOR),
-    ),
+    options=tuple((STATE_LABELS[s], STATE_SEVERITIES[s]) for s in State),
     initial=int(State.STOPPED),
 )
 MESSAGE = PV("MESSAGE", Kind.LONG_STRING_IN, "Last error or notice", nelm=MESSAGE_LENGTH,
@@ -151,9 +159,9 @@ INPUT_MODE = PV("INPUT_MODE", Kind.MBB_OUT, "Camera stream socket mode",
 
 # ---------------------------------------------------------------- settings (autosaved)
 SPC_ROI_YMIN = PV("SPC_ROI_YMIN", Kind.LONG_OUT, "ROI first row (inclusive)", egu="px",
-                  low=0, high=100000, initial=0, autosave=True)
-SPC_ROI_YMAX = PV("SPC_ROI_YMAX", Kind.LONG_OUT, "ROI end row (excl.); 0,0 = whole image",
-                  egu="px", low=0, high=100000, initial=0, autosave=True)
+                  low=0, high=65535, initial=0, autosave=True)
+SPC_ROI_YMAX = PV("SPC_ROI_YMAX", Kind.LONG_OUT, "ROI end row (excl.); 0 = to the last row",
+                  egu="px", low=0, high=65535, initial=0, autosave=True)
 SPECTRUM_X = PV("SPECTRUM_X", Kind.WAVEFORM_OUT, "Energy axis per column (empty: index)",
                 egu="eV", prec=3, dtype="float64", nelm=MAX_WIDTH, autosave=True)
 BACKGROUND_FILE = PV("BACKGROUND_FILE", Kind.LONG_STRING_OUT, "Background file (.h5 /image, .npy)",
@@ -226,8 +234,9 @@ BACKGROUND_STATUS = PV(
     options=(("None", NO_ALARM), ("Loaded", NO_ALARM), ("Error", MAJOR)),
     initial=int(BackgroundState.NONE),
 )
-ROI_STATUS = PV("ROI_STATUS", Kind.MBB_IN, "Requested ROI fits the image?",
-                options=(("OK", NO_ALARM), ("Outside image", MAJOR)), initial=0)
+ROI_STATUS = PV("ROI_STATUS", Kind.MBB_IN, "ROI limits a valid pair within image?",
+                options=(("OK", NO_ALARM), ("Outside image", MAJOR), ("Invalid pair", MAJOR)),
+                initial=0)
 AXIS_STATUS = PV("AXIS_STATUS", Kind.MBB_IN, "SPECTRUM_X fits the image width?",
                  options=(("OK", NO_ALARM), ("Wrong length", MAJOR)), initial=0)
 ROI_YMIN_RBV = PV("ROI_YMIN_RBV", Kind.LONG_IN, "ROI first row in force", egu="px", initial=0)

@@ -37,7 +37,9 @@ from aiohttp import web
 
 from psss_ioc import background as bgfile
 from psss_ioc import pvs
+from psss_ioc.control import roi_limit_problem, roi_pair_problem, roi_setting
 from psss_ioc.ioc_config import default_background_dir
+from psss_ioc.processing import FrameMismatchError, Settings
 from psss_ioc.pvs import BackgroundState, State
 
 log = logging.getLogger(__name__)
@@ -183,6 +185,28 @@ def stored_name(original: str) -> str:
     return f"{stem or 'background'}_{stamp}_{uuid.uuid4().hex[:8]}.h5"
 
 
+KEEP_UPLOADS = 10
+# what `stored_name` makes: other files in the directory (an operator's own) are never pruned
+_STORED_NAME = re.compile(r".+_\d{8}_\d{6}_[0-9a-f]{8}\.h5")
+
+
+def prune_uploads(directory: Path, in_use: str, keep: int = KEEP_UPLOADS) -> list[Path]:
+    """Delete uploaded backgrounds but the one in use and the `keep` newest; returns those
+    deleted. Uploads pile up otherwise: each is a full frame (10 MB for the camera)."""
+    uploads = [p for p in directory.glob("*.h5") if _STORED_NAME.fullmatch(p.name)]
+    uploads.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for path in uploads[keep:]:
+        if str(path.resolve()) == in_use:
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError as e:
+            log.warning("could not remove the old upload %s: %s", path, e)
+    return removed
+
+
 def write_background(directory: Path, original: str, image: np.ndarray) -> Path:
     """Write `image` as HDF5 /image under a new name; atomic (written, then renamed)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -239,6 +263,7 @@ class Controller:
     def statistics(self) -> dict[str, Any]:
         stats = self.ioc.pipeline.statistics()
         shape = self.ioc.pipeline.image_shape
+        fault = self.ioc.pipeline.fault
         return {
             # the five legacy keys, same meaning (times as the legacy str(datetime))
             "processing_start_time": _legacy_time(stats.processing_start_time),
@@ -259,6 +284,9 @@ class Controller:
             "errors_by_kind": dict(stats.errors_by_kind),
             "image_shape": list(shape) if shape is not None else None,
             "message": self.message(),
+            # a wrong channel says so here too: the one expected, the image-like ones seen
+            "image_channel": self.ioc.config.channel,
+            "channels_seen": list(fault.channels_seen) if fault is not None else [],
         }
 
     # ---------------------------------------------------------------- writes
@@ -291,43 +319,31 @@ class Controller:
         await self.put(pvs.STOP, 1, wait=True)
 
     async def set_roi(self, roi: Any) -> None:
+        """Both limits at once, through the same rule as a CA put (`RoiControl`)."""
         ymin, ymax = self.check_roi(roi)
-        from psss_ioc.ioc import roi_put_order
-
-        current = (int(self.rec(pvs.SPC_ROI_YMIN).get()), int(self.rec(pvs.SPC_ROI_YMAX).get()))
-        old = dict(zip((pvs.SPC_ROI_YMIN.name, pvs.SPC_ROI_YMAX.name), current, strict=True))
-        # each limit is checked against the other's current value: put them in a valid order;
-        # if the second is refused, put the first back (the previous ROI stays in force)
-        done: list[tuple[pvs.PV, int]] = []
-        for pv, value in roi_put_order((ymin, ymax), current):
-            if not await self.put(pv, value):
-                reason = self.message()
-                for undo_pv, undo_value in reversed(done):
-                    await self.put(undo_pv, undo_value)
-                raise RequestError(reason or f"{pv.name} refused {value}")
-            done.append((pv, old[pv.name]))
+        outcome = self.ioc.roi.write(ymin, ymax)
+        if outcome.in_force != (ymin, ymax):  # pragma: no cover - check_roi refused it
+            raise RequestError(outcome.message())
 
     def check_roi(self, roi: Any) -> tuple[int, int]:
-        """Everything the records and the pipeline would check, up front, with the reason."""
+        """The pair, checked up front with the reason: both limits are written at once, so an
+        invalid pair would never be completed; it is refused, and nothing changes."""
         if (not isinstance(roi, list | tuple) or len(roi) != 2
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in roi)):
             raise RequestError(f"roi must be [ymin, ymax] (two whole numbers), not "
                                f"{json.dumps(roi)[:100]}")
-        ymin, ymax = int(roi[0]), int(roi[1])
-        high = int(pvs.SPC_ROI_YMAX.high or 0)
-        if (ymin, ymax) == (0, 0):
-            return 0, 0
-        if ymin < 0 or ymax > high:
-            raise RequestError(f"roi rows must be within 0..{high}, got [{ymin}, {ymax}]")
-        try:
-            self.ioc.pipeline.check(roi=(ymin, ymax))
-        except ValueError as e:
-            raise RequestError(f"roi refused: {e}") from None
+        pair = (int(roi[0]), int(roi[1]))
+        problem = (roi_limit_problem("ymin", pair[0]) or roi_limit_problem("ymax", pair[1])
+                   or roi_pair_problem(pair))
+        if problem:
+            raise RequestError(f"roi refused: {problem}")
         shape = self.ioc.pipeline.image_shape
-        if shape is not None and ymax > shape[0]:
-            raise RequestError(f"roi refused: ROI rows [{ymin}, {ymax}) exceed the image "
-                               f"height {shape[0]}")
-        return ymin, ymax
+        if shape is not None:
+            try:
+                Settings(roi=roi_setting(pair)).check_frame(shape)
+            except FrameMismatchError as e:
+                raise RequestError(f"roi refused: {e}") from None
+        return pair
 
     async def set_scalar(self, pv: pvs.PV, value: Any, kind: type) -> None:
         """AVG_N, FIT_ENABLE, FIT_MIN_SNR: type and range checked, then put."""
@@ -367,7 +383,11 @@ class Controller:
         image = await loop.run_in_executor(None, background_array, data, shape)
         path = await loop.run_in_executor(None, write_background, self.background_dir,
                                           original, image)
-        await self.set_background_file(str(path))
+        try:
+            await self.set_background_file(str(path))
+        finally:
+            in_use = self.ioc.pipeline.settings.background_name
+            await loop.run_in_executor(None, prune_uploads, self.background_dir, in_use)
         return path
 
 

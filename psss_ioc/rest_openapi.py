@@ -61,7 +61,8 @@ _STATISTICS = {
         "last_processing_duration_ms": {"type": "number"},
         "processing_start_timestamp": {**_NULLABLE_NUMBER, "description": "seconds since epoch"},
         "last_sent_timestamp": {**_NULLABLE_NUMBER, "description": "seconds since epoch"},
-        "state": {"type": "string"},
+        "state": {"type": "string", "description": "the STATUS label, e.g. 'Processing', "
+                                                   "'No image channel', 'Image not usable'"},
         "rate_hz": {"type": "number", "description": "frames processed per second"},
         "n_received": {"type": "integer"},
         "n_sent": {"type": "integer", "description": "messages really sent on the output stream"},
@@ -71,6 +72,10 @@ _STATISTICS = {
         "errors_by_kind": {"type": "object", "additionalProperties": {"type": "integer"}},
         "image_shape": {"type": "array", "items": {"type": "integer"}, "nullable": True},
         "message": {"type": "string", "description": "the IOC's last notice or error"},
+        "image_channel": {"type": "string", "description": "the bsread image channel expected"},
+        "channels_seen": {"type": "array", "items": {"type": "string"},
+                          "description": "state 'No image channel': image-like channels the "
+                                         "stream carries instead"},
     },
 }
 

@@ -295,8 +295,8 @@ class SimulatorProcess:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
         try:
             line = self._read_line(ready_timeout)
-        except Exception:
-            self.stop()
+        except BaseException:  # Ctrl-C while it starts too: the caller has no object to stop
+            self.stop(3.0)
             raise
         match = _ENDPOINT.search(line)
         if match is None:
@@ -416,6 +416,9 @@ def simulate(port: int, host: str, mode: str, rate: float, count: int | None, se
     if background_file:
         sim.camera.write_background(background_file)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Python leaves SIGINT ignored when the parent ignored it (a background job of a shell
+    # without a terminal): SimulatorProcess.stop() and Ctrl-C must still stop it.
+    signal.signal(signal.SIGINT, _raise_interrupt)
     sim.open()
     click.echo(f"streaming {image_channel_for(prefix)} {height} x {width} {dtype} "
                f"({compression}) on {sim.endpoint} ({mode.upper()})")

@@ -25,6 +25,7 @@ from typing import Any
 import bsread
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from psss_ioc import bsread_wire as wire
 from psss_ioc.ioc_config import DEFAULT_OUTPUT_PORT, DEFAULT_PREFIX, image_channel_for
@@ -119,6 +120,15 @@ class SourceCounters:
     reconnects: int = 0
     last_pulse_id: int | None = None
     last_error: str = ""
+    # For the pipeline's state (a wrong channel or an unusable image says so, not only a
+    # counter): the last message without the image channel, and the image-like channels it
+    # carried (a few, see `image_like_channels`) out of how many in all ...
+    missing_channel_time: float | None = None  # time.monotonic()
+    missing_channel_seen: tuple[str, ...] = ()
+    missing_channel_n_channels: int = 0
+    # ... and the last message whose image channel is of a type no image can be made of.
+    bad_image_time: float | None = None  # time.monotonic()
+    bad_image: str = ""  # why
 
     @property
     def skipped(self) -> int:
@@ -133,6 +143,21 @@ class SourceCounters:
         out["malformed"] = sum(self.malformed.values())
         out["skipped"] = self.skipped
         return out
+
+
+# Names that say "camera image" whatever their declared shape (SwissFEL: <camera>:FPICTURE).
+_IMAGE_NAME_ENDINGS = ("FPICTURE", "IMAGE")
+MAX_CHANNELS_SEEN = 5
+
+
+def image_like_channels(channels: Sequence[wire.ChannelSpec],
+                        limit: int = MAX_CHANNELS_SEEN) -> tuple[str, ...]:
+    """The names of up to `limit` channels that look like a camera image: 2-D numeric, or
+    named ``...FPICTURE`` / ``...IMAGE``."""
+    found = [c.name for c in channels
+             if (c.shape is not None and len(c.shape) == 2 and c.type in _NUMERIC_TYPES)
+             or c.name.upper().endswith(_IMAGE_NAME_ENDINGS)]
+    return tuple(found[:limit])
 
 
 def _collect_parts(receiver: Any) -> list[Any] | None:
@@ -178,6 +203,7 @@ class CameraSource:
         self._source: bsread.Source | None = None
         self._format: tuple[tuple[int, ...], np.dtype] | None = None
         self._log = RateLimitedLog(log)
+        self._missing_header: wire.DataHeader | None = None  # of missing_channel_seen
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -256,6 +282,7 @@ class CameraSource:
             return self._skip(e.kind, f"pulse {main.pulse_id}: {e}")
         index = header.index.get(self.image_channel)
         if index is None:
+            self._note_missing_channel(header)
             return self._skip(MISSING_CHANNEL,
                               f"pulse {main.pulse_id}: no channel {self.image_channel!r}")
         spec = header.channels[index]
@@ -264,6 +291,9 @@ class CameraSource:
             return self._skip(EMPTY_IMAGE, f"pulse {main.pulse_id}: empty image value")
         try:
             if spec.type not in _NUMERIC_TYPES:
+                self.counters.bad_image_time = time.monotonic()
+                self.counters.bad_image = (f"channel {spec.name!r} has type {spec.type!r:.40}, "
+                                           "not a number type")
                 raise wire.WireError(wire.UNKNOWN_TYPE, f"image type {spec.type!r:.40}")
             image = wire.decode_value(spec, raw)
         except wire.WireError as e:
@@ -276,6 +306,14 @@ class CameraSource:
         self._track_format(image)
         self.counters.received += 1
         return Frame(main.pulse_id, timestamp, image)
+
+    def _note_missing_channel(self, header: wire.DataHeader) -> None:
+        c = self.counters
+        c.missing_channel_time = time.monotonic()
+        if header is not self._missing_header:  # the reader keeps one object per header
+            self._missing_header = header
+            c.missing_channel_seen = image_like_channels(header.channels)
+            c.missing_channel_n_channels = len(header.channels)
 
     def _skip(self, kind: str, message: str) -> None:
         if kind in self.counters.malformed:
@@ -327,23 +365,28 @@ class BoundSocket:
     """A bound PUSH or PUB socket that sends whole messages without blocking.
 
     PUB is an XPUB with ``XPUB_NODROP``: a full queue is reported instead of being silently
-    dropped, and the subscriptions it receives tell whether anyone is listening. (PUSH cannot
-    tell "no consumer" from "queue full": both are `SendStatus.FULL`.) `port` 0 binds a free
-    port; `port` holds the actual one after `open()`.
+    dropped, and the subscriptions it receives tell whether anyone is listening. PUSH cannot
+    tell "no consumer" from "queue full" (both are `SendStatus.FULL`) unless `track_peers`:
+    then a socket monitor counts the connected peers and sending with none is
+    `SendStatus.NO_CONSUMER`. `port` 0 binds a free port; `port` holds the actual one after
+    `open()`.
     """
 
     def __init__(
         self, port: int, mode: str = "PUSH", host: str = "*", queue_size: int = 10,
-        linger: float = 0.2,
+        linger: float = 0.2, track_peers: bool = False,
     ) -> None:
         self.mode = _check_mode(mode, SENDER_MODES)
         self.host = host
         self.port = port
         self.queue_size = queue_size
         self.linger = linger
+        self.track_peers = track_peers
         self._context: zmq.Context | None = None
         self._socket: zmq.Socket | None = None
         self._topics: set[bytes] = set()
+        self._monitor: zmq.Socket | None = None
+        self._peers: set[int] = set()  # file descriptors of the connections (PUSH, tracked)
 
     @property
     def is_open(self) -> bool:
@@ -373,10 +416,20 @@ class BoundSocket:
             context.term()
             raise OSError(f"cannot bind tcp://{self.host}:{self.port}: {e}") from e
         self._context, self._socket = context, sock
+        if self.mode == "PUSH" and self.track_peers:
+            # Connections kept by file descriptor: the count stays right whatever the events
+            # (a connection that fails its handshake is reported disconnected too).
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+            self._monitor.setsockopt(zmq.LINGER, 0)
         return self.port
 
     def close(self, linger: float | None = None) -> None:
         sock, self._socket = self._socket, None
+        monitor, self._monitor = self._monitor, None
+        if sock is not None and monitor is not None:
+            sock.disable_monitor()
+            monitor.close(0)  # before term(), which would wait for it
+        self._peers.clear()
         if sock is not None:
             sock.close(round((self.linger if linger is None else linger) * 1000))
         if self._context is not None:
@@ -385,7 +438,18 @@ class BoundSocket:
         self._topics.clear()
 
     def has_consumer(self) -> bool | None:
-        """PUB: whether anyone is subscribed. PUSH: None (unknown)."""
+        """PUB: whether anyone is subscribed. PUSH: whether anyone is connected when
+        `track_peers`, else None (unknown)."""
+        if self.mode == "PUSH" and self._monitor is not None:
+            while True:
+                try:
+                    event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+                except zmq.Again:
+                    return bool(self._peers)
+                if event["event"] == zmq.EVENT_ACCEPTED:
+                    self._peers.add(event["value"])
+                elif event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._peers.discard(event["value"])
         if self.mode == "PUSH" or self._socket is None:
             return None
         while True:  # subscription messages: b"\x01" + topic, b"\x00" + topic to unsubscribe
@@ -428,6 +492,41 @@ class SenderCounters:
         return asdict(self)
 
 
+class ConsumerState:
+    """"No consumer" on one output socket as a state: one log line when results start being
+    dropped for want of a consumer, one when a consumer takes them again (with how many were
+    dropped meanwhile). Not a warning every few seconds: in a demo or while the DAQ is not
+    reading, nobody listening is normal, and the drops are counted anyway."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.since: float | None = None  # time.monotonic() the state began; None: not in it
+        self.dropped = 0  # messages dropped while in the state
+
+    @property
+    def active(self) -> bool:
+        return self.since is not None
+
+    def no_consumer(self) -> None:
+        if self.since is None:
+            self.since, self.dropped = time.monotonic(), 0
+            log.warning("%s: no consumer connected; messages are dropped (and counted) until "
+                        "one connects", self.what)
+        self.dropped += 1
+
+    def delivered(self) -> None:
+        self._end("a consumer is connected")
+
+    def closed(self) -> None:
+        self._end("closed")
+
+    def _end(self, why: str) -> None:
+        if self.since is not None:
+            log.info("%s: %s; %d messages were dropped in %.0f s without a consumer",
+                     self.what, why, self.dropped, time.monotonic() - self.since)
+            self.since = None
+
+
 class ResultSender:
     """The output bsread stream: one message per processed frame (binds; PUSH or PUB).
 
@@ -439,6 +538,10 @@ class ResultSender:
     `result` is duck-typed: ``spectrum``, ``center``, ``fwhm`` and optionally ``fit_ok``.
     With `image_port`, the image goes in its own stream on that port, as psss_processing
     v1.8.0 did, instead of the results stream.
+
+    No consumer connected (PUSH: no peer; PUB: no subscriber) is a state (`ConsumerState`):
+    a line when it begins and one when it ends. Other drops (a consumer too slow: queue full;
+    a value that cannot be encoded) are logged rate-limited.
     """
 
     def __init__(
@@ -454,12 +557,14 @@ class ResultSender:
         self.names = OutputChannels.for_image(image_channel)
         self.forward_image = forward_image
         self.counters = SenderCounters()
-        self._data = BoundSocket(port, mode, host, queue_size)
+        self._data = BoundSocket(port, mode, host, queue_size, track_peers=True)
         self._image = (
-            BoundSocket(image_port, mode, host, queue_size)
+            BoundSocket(image_port, mode, host, queue_size, track_peers=True)
             if forward_image and image_port is not None
             else None
         )
+        self._data_consumer = ConsumerState("output stream")
+        self._image_consumer = ConsumerState("image output stream")
         self._writers: dict[str, wire.MessageWriter] = {}
         self._spectrum_spec: wire.ChannelSpec | None = None
         self._log = RateLimitedLog(log)
@@ -483,8 +588,10 @@ class ResultSender:
 
     def close(self) -> None:
         self._data.close()
+        self._data_consumer.closed()
         if self._image is not None:
             self._image.close()
+            self._image_consumer.closed()
 
     def __enter__(self) -> ResultSender:
         self.open()
@@ -503,7 +610,9 @@ class ResultSender:
             return self._dropped("dropped", f"pulse {frame.pulse_id}: cannot encode: {e}")
         status = self._data.send(parts)
         if status is not SendStatus.SENT:
-            return self._dropped("dropped", f"pulse {frame.pulse_id}: {status.value}")
+            return self._dropped("dropped", f"pulse {frame.pulse_id}: {status.value}",
+                                 status, self._data_consumer)
+        self._data_consumer.delivered()
         self.counters.sent += 1
         self.counters.last_pulse_id = frame.pulse_id
         self.counters.last_sent_time = time.time()
@@ -511,10 +620,15 @@ class ResultSender:
             self._send_image(frame)
         return True
 
-    def _dropped(self, counter: str, message: str) -> bool:
+    def _dropped(self, counter: str, message: str, status: SendStatus | None = None,
+                 consumer: ConsumerState | None = None) -> bool:
         setattr(self.counters, counter, getattr(self.counters, counter) + 1)
         self.counters.last_error = message
-        self._log(counter, logging.WARNING, f"output stream: {message}")
+        if consumer is not None and (status is SendStatus.NO_CONSUMER or consumer.active):
+            # a queue full while a consumer is connecting belongs to the same state
+            consumer.no_consumer()
+        else:
+            self._log(counter, logging.WARNING, f"output stream: {message}")
         return False
 
     def _send_image(self, frame: Frame) -> None:
@@ -525,9 +639,11 @@ class ResultSender:
         parts = writer.encode(frame.pulse_id, frame.timestamp, [value])
         status = self._image.send(parts)
         if status is SendStatus.SENT:
+            self._image_consumer.delivered()
             self.counters.image_sent += 1
         else:
-            self._dropped("image_dropped", f"pulse {frame.pulse_id}: image {status.value}")
+            self._dropped("image_dropped", f"pulse {frame.pulse_id}: image {status.value}",
+                          status, self._image_consumer)
 
     def _writer(self, key: str, specs: tuple[wire.ChannelSpec, ...]) -> wire.MessageWriter:
         writer = self._writers.get(key)

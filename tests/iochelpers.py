@@ -7,10 +7,13 @@ the Python interpreter), pyepics and p4p in the test process.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +24,7 @@ from psss_ioc.commands import free_port, loopback_epics_env
 
 BIN = Path(sys.executable).parent
 RUN = [sys.executable, "-c", "from psss_ioc.commands import run_command; run_command()"]
+LEGACY = [sys.executable, "-c", "from psss_ioc.commands import legacy_main; legacy_main()"]
 
 
 def free_port_pair() -> int:
@@ -81,16 +85,20 @@ def caput(
 
 
 class IocProcess:
-    """`psss-ioc run ... --prefix PREFIX` as a subprocess; log in `log_path`."""
+    """`psss-ioc run ... --prefix PREFIX` (or another `command`, e.g. LEGACY) as a
+    subprocess; log in `log_path`."""
 
     def __init__(self, prefix: str, args: Sequence[str], env: dict[str, str], log_path: Path,
-                 ready_timeout: float = 60.0, pass_prefix: bool = True) -> None:
+                 ready_timeout: float = 60.0, pass_prefix: bool = True,
+                 command: Sequence[str] = RUN) -> None:
         self.prefix = prefix
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
+        # autosave is on by default: each IOC saves beside its log unless the test says where
+        state = {"XDG_STATE_HOME": str(log_path.parent / "state")}
         self.proc = subprocess.Popen(
-            [*RUN, *(["--prefix", prefix] if pass_prefix else []), *args],
-            env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
+            [*command, *(["--prefix", prefix] if pass_prefix else []), *args],
+            env={**os.environ, **state, **env}, stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
         try:
@@ -139,6 +147,12 @@ class IocProcess:
 # subprocesses) and for the clients in this process (pyepics and p4p read it when they start).
 EPICS_ENV = session_epics_env()
 os.environ.update(EPICS_ENV)
+# Autosave is on by default: IOCs started by tests save into this session's own directory,
+# never into the user's ~/.local/state (a run must not restore a previous run's settings).
+STATE_HOME = tempfile.mkdtemp(prefix="psss-test-state-")
+os.environ["XDG_STATE_HOME"] = STATE_HOME
+os.environ.pop("STATE_DIRECTORY", None)
+atexit.register(shutil.rmtree, STATE_HOME, ignore_errors=True)
 
 
 def simulator_args(prefix: str, *, height: int = 200, width: int = 256, rate: float = 20.0,

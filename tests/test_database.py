@@ -67,9 +67,11 @@ def test_fields_say_what_the_table_says(
         if pv.prec is not None and pv.kind in (Kind.AI, Kind.AO, Kind.WAVEFORM_IN,
                                                Kind.WAVEFORM_OUT):
             assert int(fields["PREC"]) == pv.prec, pv.name
-        if pv.kind in (Kind.AO, Kind.LONG_OUT) and pv.high is not None:
-            assert float(fields["DRVH"]) == pv.high, pv.name
-            assert float(fields["DRVL"]) == pv.low, pv.name
+        if pv.kind in (Kind.AI, Kind.AO, Kind.LONG_OUT) and pv.high is not None:
+            # display limits; a put out of range is refused by the IOC, never clamped
+            assert float(fields["HOPR"]) == pv.high, pv.name
+            assert float(fields["LOPR"]) == pv.low, pv.name
+            assert "DRVH" not in fields and "DRVL" not in fields, pv.name
         if pv.nelm is not None:
             assert int(fields["NELM"]) == pv.nelm, pv.name
         assert fields.get("ASG") == (pvs.SETTINGS_ASG if pv.writable else None), pv.name

@@ -183,15 +183,21 @@ def test_roi_put_takes_effect(ioc: IocProcess, pva: Context, camera: SimulatedCa
     assert ioc.get(pvs.ROI_STATUS) == "OK"
 
 
-def test_roi_ymin_not_below_ymax_is_refused(ioc: IocProcess) -> None:
+def test_roi_ymin_not_below_ymax_waits_alarmed(ioc: IocProcess) -> None:
+    """A limit that makes no pair is taken and waits, alarmed; the last valid pair stays in
+    force until the other limit completes a valid pair (issue "field-ready": the old refusal
+    left caput exiting 0 with the wrong ROI in force)."""
     ioc.put(pvs.SPC_ROI_YMAX, 120)
     ioc.put(pvs.SPC_ROI_YMIN, 80)
     ioc.put(pvs.SPC_ROI_YMIN, 150)
-    assert ioc.get(pvs.SPC_ROI_YMIN) == "80"  # the record keeps its old value
-    assert "ROI refused" in message(ioc) and "less than ymax" in message(ioc)
-    ioc.put(pvs.SPC_ROI_YMAX, 80)
-    assert ioc.get(pvs.SPC_ROI_YMAX) == "120"
+    assert ioc.get(pvs.SPC_ROI_YMIN) == "150"  # the record takes the value written
+    assert "waits" in message(ioc) and "less than ymax" in message(ioc)
+    assert ioc.get(pvs.ROI_STATUS) == "Invalid pair"
+    assert ioc.get(pvs.SPC_ROI_YMIN, "-a").split()[-1] == "MAJOR"
     wait_until(lambda: ioc.get(pvs.ROI_YMIN_RBV) == "80", what="old ROI still in force")
+    ioc.put(pvs.SPC_ROI_YMIN, 80)
+    assert ioc.get(pvs.ROI_STATUS) == "OK"
+    wait_until(lambda: ioc.get(pvs.ROI_YMAX_RBV) == "120", what="ROI in force")
 
 
 def test_roi_beyond_image_raises_alarm_and_keeps_last_good(ioc: IocProcess) -> None:

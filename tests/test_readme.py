@@ -7,29 +7,38 @@ Every line of every fenced ``bash`` block is a command. Each one is, in this mod
   loopback EPICS ports and a timeout; it must exit 0;
 - run for real with arguments appended that keep it small and bounded (`APPENDED`; click takes
   the last value of a repeated option, so an appended ``--port`` wins);
-- run as a client of a live process this module starts: the demo (`DEMO_CLIENTS`) or an IOC
-  with REST and a token (`REST_CLIENTS`; ``127.0.0.1:12000`` becomes that IOC's REST address);
+- run as a client of a live process this module starts: the demo (`DEMO_CLIENTS`), or the
+  user's guide IOC (`GUIDE_IOC`: the README's own `psss-ioc run` line, its camera a simulated
+  one, with test ports, a REST token and scratch directories appended) for the guide's
+  walk-through (`GUIDE_CLIENTS`) and the REST examples (`REST_CLIENTS`); placeholders become
+  the live addresses (`<camera-host>:9000` the simulated camera, ``127.0.0.1:12000`` the REST
+  port, the site's background directory a scratch one);
 - or listed in `NOT_RUN` with the reason it cannot run here.
 
 `NOT_RUN` and the other tables must name exactly commands of the README, so a new command is
-run as written unless someone adds it here with a reason. The README's Python block runs
-against the REST IOC too (its only change: the address). Output goes to files, not pipes
-(EPICS clients start a caRepeater that inherits them), and every process group started here is
-stopped.
+run as written unless someone adds it here with a reason. The README's Python blocks run
+against the guide's IOC too (their only changes: the addresses and the directory). docs/*.md
+show no command the README does not (so all are run here), and README and docs link only to
+files of the repository. Output goes to files, not pipes (EPICS clients start a caRepeater
+that inherits them), and every process group started here is stopped.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
+import sys
 import textwrap
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,12 +46,15 @@ import zmq
 from click.testing import CliRunner
 from iochelpers import BIN, EPICS_ENV, IocProcess, caget, simulator_args, wait_until
 
-from psss_ioc import pvs, readme
+from psss_ioc import pvs, readme, screens
 from psss_ioc.cli import main
 from psss_ioc.commands import free_port
 from psss_ioc.simulate import SimulatorProcess
 
 README = readme.README_PATH
+REPO = README.parent
+DOCS = REPO / "docs"
+PACKAGE = REPO / "psss_ioc"
 TEST_DIR = Path(__file__).resolve().parent
 FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", re.M | re.S)
 INLINE_COMMENT = re.compile(r"\s+#\s.*$")
@@ -56,6 +68,25 @@ DEMO_CLIENTS = (
     "pvget PSSS-DEMO:SNAPSHOT",
     "caput PSSS-DEMO:AVG_N 50",
     "curl -s http://127.0.0.1:12000/status",
+)
+# The user's guide: one IOC for the camera, started by the README's own line.
+GUIDE_PREFIX = "SARFE10-PSSS059"
+CAMERA = "tcp://<camera-host>:9000"  # the README's camera; the simulated camera's address here
+CAMERA_PYTHON = 'host="<camera-host>", port=9000'  # the same, in the Python block
+SITE_BACKGROUNDS = "/sf/photonics/data/psss-backgrounds"  # a --background-path directory
+GUIDE_IOC = f"psss-ioc run {CAMERA} --prefix {GUIDE_PREFIX} --auto-start"
+GUIDE_CLIENTS = (  # in README order
+    f"caget {GUIDE_PREFIX}:STATUS {GUIDE_PREFIX}:IMAGE_HEIGHT {GUIDE_PREFIX}:IMAGE_WIDTH "
+    f"{GUIDE_PREFIX}:RATE",
+    f"caget -S {GUIDE_PREFIX}:MESSAGE",
+    f"caput -S {GUIDE_PREFIX}:INPUT_STREAM {CAMERA}",
+    f"caput {GUIDE_PREFIX}:SPC_ROI_YMIN 900",
+    f"caput {GUIDE_PREFIX}:SPC_ROI_YMAX 1100",
+    f"caget {GUIDE_PREFIX}:ROI_YMIN_RBV {GUIDE_PREFIX}:ROI_YMAX_RBV {GUIDE_PREFIX}:ROI_STATUS",
+    f"caput {GUIDE_PREFIX}:STOP 1",
+    f"caput -S {GUIDE_PREFIX}:BACKGROUND_FILE {SITE_BACKGROUNDS}/dark.h5",
+    f"caput {GUIDE_PREFIX}:START 1",
+    f"caget {GUIDE_PREFIX}:BACKGROUND_STATUS",
 )
 REST_CLIENTS = (
     "curl -s http://127.0.0.1:12000/status",
@@ -77,8 +108,8 @@ APPENDED: dict[str, str] = {  # full-size runs take minutes: small frames, few r
           "--duration 120",
 }
 NOT_RUN: dict[str, str] = {
-    "make demo": "builds .venv and runs the full-size bench core (minutes); CI's `make test` "
-                 "builds the same venv and this module runs `psss-ioc bench core` small",
+    "make demo": "builds .venv and runs `psss-ioc demo` at full size until Ctrl-C; CI's "
+                 "`make test` builds the same venv and this module runs the demo small",
     "make test": "runs the test suite this module belongs to (it would recurse); it is CI",
     "psss_processing tcp://<camera-host>:9000 -i SARFE10-PSSS059 --auto_start":
         "production line: <camera-host> is the beamline camera, and it opens REST on "
@@ -87,6 +118,10 @@ NOT_RUN: dict[str, str] = {
     "--auto-start --rest-host 0.0.0.0":
         "production line: beamline camera, REST open to the network; the same options on "
         "loopback (token, REST) run in test_rest_examples_and_client_sample_on_a_live_ioc",
+    'phoebus.sh -settings settings.ini -resource '
+    '"file://$PWD/screens/psss.bob?P=SARFE10-PSSS059"':
+        "needs Phoebus and a display; test_phoebus_settings_and_screen checks the settings "
+        "and that the screen and macro are those `psss-ioc screens` writes",
     "psss-ioc run --st-cmd iocBoot/iocpsss/st.cmd":
         "production boot: camera sf-daqsync-02, /var/lib/psss-ioc, CA on the beamline network "
         "(tests/test_deployment.py checks the unit runs exactly this command)",
@@ -111,15 +146,26 @@ def readme_text() -> str:
     return README.read_text(encoding="utf-8")
 
 
-def blocks(language: str) -> list[str]:
-    return [textwrap.dedent(body) for indent, lang, body in FENCE.findall(readme_text())
+def docs() -> list[Path]:
+    return sorted(DOCS.glob("*.md"))
+
+
+def blocks(language: str, text: str | None = None) -> list[str]:
+    text = readme_text() if text is None else text
+    return [textwrap.dedent(body) for indent, lang, body in FENCE.findall(text)
             if lang == language]
 
 
-def shell_blocks() -> list[list[str]]:
+def python_block(marker: str) -> str:
+    """The one Python block of the README that contains `marker`."""
+    (block,) = [b for b in blocks("python") if marker in b]
+    return block
+
+
+def shell_blocks(text: str | None = None) -> list[list[str]]:
     """Commands of each bash block, inline comments removed, continuation lines joined."""
     result = []
-    for body in blocks("bash"):
+    for body in blocks("bash", text):
         commands: list[str] = []
         for line in body.replace("\\\n", " ").splitlines():
             line = INLINE_COMMENT.sub("", line).strip()
@@ -133,12 +179,13 @@ def exports(commands: list[str]) -> list[str]:
     return [c for c in commands if c.startswith("export ")]
 
 
-def shell_commands() -> list[str]:
-    return [c for block in shell_blocks() for c in block if not c.startswith("export ")]
+def shell_commands(text: str | None = None) -> list[str]:
+    return [c for block in shell_blocks(text) for c in block if not c.startswith("export ")]
 
 
 def direct_commands() -> list[str]:
-    special = set(NOT_RUN) | set(APPENDED) | set(DEMO_CLIENTS) | set(REST_CLIENTS)
+    special = (set(NOT_RUN) | set(APPENDED) | set(DEMO_CLIENTS) | set(REST_CLIENTS)
+               | set(GUIDE_CLIENTS) | {GUIDE_IOC})
     return [c for c in shell_commands() if c not in special]
 
 
@@ -185,13 +232,23 @@ def sh(command: str, cwd: Path, env: dict[str, str], timeout: float = 60.0) -> s
 def test_tables_name_exactly_commands_of_the_readme() -> None:
     commands = set(shell_commands())
     assert len(commands) >= 30, commands
-    for table in (NOT_RUN, APPENDED, DEMO_CLIENTS, REST_CLIENTS):
+    live = set(DEMO_CLIENTS) | set(REST_CLIENTS) | set(GUIDE_CLIENTS) | {GUIDE_IOC}
+    for table in (NOT_RUN, APPENDED, DEMO_CLIENTS, REST_CLIENTS, GUIDE_CLIENTS, {GUIDE_IOC}):
         assert set(table) <= commands, set(table) - commands
-    assert set(NOT_RUN).isdisjoint(set(APPENDED) | set(DEMO_CLIENTS) | set(REST_CLIENTS))
+    assert set(NOT_RUN).isdisjoint(set(APPENDED) | live)
     # what is not run here is exactly the allow-list; everything else runs below
-    ran = set(direct_commands()) | set(APPENDED) | set(DEMO_CLIENTS) | set(REST_CLIENTS)
+    ran = set(direct_commands()) | set(APPENDED) | live
     assert commands - ran == set(NOT_RUN)
     assert all(reason for reason in NOT_RUN.values())
+
+
+def test_docs_show_only_commands_the_readme_shows() -> None:
+    """docs/*.md may repeat a README command (it is run here), never show one of their own."""
+    readme_commands = set(shell_commands())
+    assert docs(), "docs/*.md"
+    for path in docs():
+        extra = set(shell_commands(path.read_text(encoding="utf-8"))) - readme_commands
+        assert not extra, f"{path.name} shows commands the README does not: {extra}"
 
 
 def test_readme_opens_with_the_two_fresh_clone_commands() -> None:
@@ -201,12 +258,18 @@ def test_readme_opens_with_the_two_fresh_clone_commands() -> None:
 
 def test_client_blocks_are_where_the_tables_say() -> None:
     """The demo clients are the block after the demo, with its export line; the curl lines of
-    the REST section are one block."""
+    the REST section are one block; the guide's CA commands are, in README order, exactly
+    `GUIDE_CLIENTS`, after the guide's `psss-ioc run` line."""
     by_block = shell_blocks()
     demo_block = next(b for b in by_block if set(DEMO_CLIENTS) <= set(b))
     assert [c for c in demo_block if not c.startswith("export ")] == list(DEMO_CLIENTS)
     assert exports(demo_block)
     assert list(REST_CLIENTS) in by_block
+    commands = shell_commands()
+    guide = [c for c in commands if c.split(" ")[0] in ("caget", "caput")
+             and f"{GUIDE_PREFIX}:" in c]
+    assert guide == list(GUIDE_CLIENTS)
+    assert commands.index(GUIDE_IOC) < commands.index(GUIDE_CLIENTS[0])
 
 
 # ------------------------------------------------------------------------------ generated parts
@@ -251,6 +314,11 @@ def test_commands_run_as_written(tmp_path: Path) -> None:
         if command.endswith(" --help") and command.startswith("psss-ioc "):
             name = command.removeprefix("psss-ioc ").removesuffix("--help").split()
             assert outputs[command] == readme.help_text(*name) + "\n", command
+    # the screen the guide writes for Phoebus: the packaged one, its P macro's default changed
+    output, prefix = _screens_options()
+    written = (tmp_path / output).read_text(encoding="utf-8")
+    assert written == screens.render(prefix=prefix)
+    assert f"<{screens.MACRO}>{prefix}</{screens.MACRO}>" in written
 
 
 def test_benchmark_commands_run_small(tmp_path: Path) -> None:
@@ -307,7 +375,9 @@ def test_demo_and_its_client_commands(tmp_path: Path) -> None:
     assert outputs[DEMO_CLIENTS[1]].split()[1] == "5"  # name, count, values
     assert "pulse_id" in outputs[DEMO_CLIENTS[2]]
     assert json.loads(outputs[DEMO_CLIENTS[4]]) == {"state": "ok", "status": "processing"}
-    assert "IOC PSSS-DEMO" in out.read_text()
+    # the terminal shows the demo's own lines; the rest goes to the log it names first
+    first = out.read_text().splitlines()[0]
+    assert re.search(r"\S+\.log\b", first), first
 
 
 def _status(prefix: str, proc: subprocess.Popen[bytes], out: Path) -> str | None:
@@ -319,54 +389,242 @@ def _status(prefix: str, proc: subprocess.Popen[bytes], out: Path) -> str | None
         return None
 
 
-# ------------------------------------------------------------------------------ REST and Python
-PREFIX = "TST-PSSS-README"
+# ------------------------------------------------------------------------------ the guide's IOC
 TOKEN = "readme-token"
 
 
+@dataclass
+class Guide:
+    """The IOC the README's `psss-ioc run` line starts, with what the tests substitute."""
+
+    ioc: IocProcess
+    camera: SimulatorProcess
+    rest_port: int
+    workdir: Path  # holds the camera's dark frame as background.h5 (the REST Python block)
+    site_backgrounds: Path  # the --background-path directory (SITE_BACKGROUNDS)
+
+    def live(self, text: str) -> str:
+        """README text with its placeholders replaced by this IOC's addresses."""
+        return (text.replace(CAMERA, self.camera.address)
+                .replace(CAMERA_PYTHON, f'host="127.0.0.1", port={self.camera.port}')
+                .replace(SITE_BACKGROUNDS, str(self.site_backgrounds))
+                .replace(README_REST, f"127.0.0.1:{self.rest_port}")
+                .replace(README_REST_PYTHON, f"http://localhost:{self.rest_port}/"))
+
+
 @pytest.fixture(scope="module")
-def rest_ioc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[IocProcess, int, Path]]:
-    """An IOC with REST on a free port and a token, fed 200 x 256 frames; its directory holds
-    the camera's dark frame as background.h5 (what the README's Python block reads)."""
-    workdir = tmp_path_factory.mktemp("readme-rest")
+def guide(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guide]:
+    """`GUIDE_IOC` as written, the camera a simulated one (2016 x 256 frames, 50 Hz), with test
+    ports, a REST token and scratch directories appended."""
+    workdir = tmp_path_factory.mktemp("readme-guide")
+    site = workdir / "site-backgrounds"
+    site.mkdir()
     rest_port = free_port()
-    args = simulator_args(PREFIX, extra=["--write-background", str(workdir / "background.h5")])
-    with SimulatorProcess(args) as sim:
-        ioc = IocProcess(PREFIX, [sim.address, "--output-port", "0", "--auto-start",
-                                  "--rest-port", str(rest_port), "--rest-token", TOKEN,
-                                  "--autosave-dir", str(workdir / "autosave")],
-                         EPICS_ENV, workdir / "ioc.log")
+    args = simulator_args(GUIDE_PREFIX, height=2016, width=256, rate=50.0,
+                          extra=["--write-background", str(workdir / "background.h5")])
+    with SimulatorProcess(args) as camera:
+        argv = shlex.split(GUIDE_IOC.replace(CAMERA, camera.address))
+        assert argv[:2] == ["psss-ioc", "run"]
+        ioc = IocProcess(GUIDE_PREFIX, [*argv[2:], "--output-port", "0",
+                                        "--rest-port", str(rest_port), "--rest-token", TOKEN,
+                                        "--autosave-dir", str(workdir / "autosave"),
+                                        "--background-path", str(site)],
+                         EPICS_ENV, workdir / "ioc.log", pass_prefix=False)
         try:
             wait_until(lambda: ioc.get(pvs.STATUS) == "Processing", 30, what="processing")
-            yield ioc, rest_port, workdir
+            yield Guide(ioc, camera, rest_port, workdir, site)
         finally:
             assert ioc.stop() == 0, ioc.log()
 
 
-def test_rest_examples_and_client_sample_on_a_live_ioc(
-        rest_ioc: tuple[IocProcess, int, Path]) -> None:
-    ioc, port, workdir = rest_ioc
+def test_user_guide_on_a_live_ioc(guide: Guide) -> None:
+    """Connect the camera, set the ROI, take and load a background: the README's commands,
+    in its order, on the IOC its own `psss-ioc run` line started."""
+    ioc, env = guide.ioc, environment()
+
+    def run(command: str) -> str:
+        assert command in GUIDE_CLIENTS
+        return sh(guide.live(command), guide.workdir, env)
+
+    status, message, input_stream, ymin, ymax, roi, stop, load, start_, loaded = GUIDE_CLIENTS
+    assert run(status).split()[:6] == [f"{GUIDE_PREFIX}:STATUS", "Processing",
+                                       f"{GUIDE_PREFIX}:IMAGE_HEIGHT", "2016",
+                                       f"{GUIDE_PREFIX}:IMAGE_WIDTH", "256"]
+    assert f"{GUIDE_PREFIX}:MESSAGE" in run(message)
+    run(input_stream)  # the same camera again: the IOC reconnects
+    wait_until(lambda: ioc.get(pvs.STATUS) == "Processing", 30, what="processing again")
+
+    # the ROI: YMIN first, then YMAX (any order works); the pair is in force
+    run(ymin)
+    run(ymax)
+    wait_until(lambda: (ioc.get(pvs.ROI_YMIN_RBV), ioc.get(pvs.ROI_YMAX_RBV)) == ("900", "1100"),
+               10, what="ROI [900, 1100) in force")
+    assert run(roi).split()[1::2] == ["900", "1100", "OK"]
+
+    # the background: stop, record dark frames from the camera, load, start
+    run(stop)
+    wait_until(lambda: ioc.get(pvs.STATUS) == "Stopped", 20, what="stopped")
+    recorder = python_block("Source(")
+    assert recorder.count(CAMERA_PYTHON) == 1 and recorder.count(SITE_BACKGROUNDS) == 1
+    script = guide.workdir / "record_dark.py"
+    script.write_text(guide.live(recorder))
+    assert sh(f"python {script}", guide.workdir, env, 120).split()[-3:] == ["(2016,", "256)",
+                                                                           "uint16"]
+    assert (guide.site_backgrounds / "dark.h5").is_file()
+    run(load)
+    run(start_)
+    wait_until(lambda: ioc.get(pvs.STATUS) == "Processing", 30, what="processing again")
+    assert run(loaded).split() == [f"{GUIDE_PREFIX}:BACKGROUND_STATUS", "Loaded"]
+    assert ioc.get(pvs.BACKGROUND_FILE, "-S") == str(guide.site_backgrounds / "dark.h5")
+
+
+def test_rest_examples_and_client_sample_on_a_live_ioc(guide: Guide) -> None:
+    ioc, workdir = guide.ioc, guide.workdir
     env = environment(PSSS_REST_TOKEN=TOKEN)
     for command in REST_CLIENTS:
-        reply = json.loads(sh(command.replace(README_REST, f"127.0.0.1:{port}"), workdir, env))
+        reply = json.loads(sh(guide.live(command), workdir, env))
         assert reply["state"] == "ok", (command, reply)
     assert ioc.get(pvs.ROI_YMIN_RBV) == "100" and ioc.get(pvs.ROI_YMAX_RBV) == "200"
     # without the token, the POST of the README is refused
-    refused = sh(REST_CLIENTS[2].replace(README_REST, f"127.0.0.1:{port}"), workdir,
-                 environment(PSSS_REST_TOKEN=""))
+    refused = sh(guide.live(REST_CLIENTS[2]), workdir, environment(PSSS_REST_TOKEN=""))
     assert json.loads(refused)["state"] == "error"
 
-    (sample,) = blocks("python")
+    sample = python_block("PsssProcessingClient(")
     assert sample.count(README_REST_PYTHON) == 1
     script = workdir / "sample.py"
-    script.write_text(sample.replace(README_REST_PYTHON, f"http://localhost:{port}/"))
+    script.write_text(guide.live(sample))
     ioc.put(pvs.SPC_ROI_YMIN, 0)
     ioc.put(pvs.SPC_ROI_YMAX, 0)
     output = sh(f"python {script}", workdir, env).splitlines()
     assert output[0].startswith("processing {")
-    assert int(output[-1]) > 0  # n_processed_images
-    assert ioc.get(pvs.STATUS) == "Processing"
+    assert int(output[-1]) >= 0  # n_processed_images: 0 if asked before the first frame
+    wait_until(lambda: ioc.get(pvs.STATUS) == "Processing" and int(ioc.get(pvs.N_PROCESSED)),
+               30, what="processing again")
     assert ioc.get(pvs.BACKGROUND_STATUS) == "Loaded"
     assert ioc.get(pvs.ROI_YMIN_RBV) == "100" and ioc.get(pvs.ROI_YMAX_RBV) == "200"
     stored = Path(ioc.get(pvs.BACKGROUND_FILE, "-S"))
     assert stored.parent == workdir / "autosave" / "backgrounds"
+
+
+# ------------------------------------------------------------------------------ what the text says
+def _screens_options() -> tuple[str, str]:
+    """--output and --prefix of the README's `psss-ioc screens` line for Phoebus."""
+    (command,) = [c for c in shell_commands() if c.startswith("psss-ioc screens --output ")]
+    argv = shlex.split(command)
+    return argv[argv.index("--output") + 1], argv[argv.index("--prefix") + 1]
+
+
+def test_phoebus_settings_and_screen() -> None:
+    """Phoebus reads the address lists from its own preferences (not EPICS_CA_ADDR_LIST): the
+    settings file sets them, and Phoebus opens the screen the guide wrote with P=<prefix>."""
+    (ini,) = blocks("ini")
+    settings = dict(line.split("=", 1) for line in ini.splitlines()
+                    if line.strip() and not line.startswith("#"))
+    assert settings.keys() == {"org.phoebus.pv.ca/addr_list", "org.phoebus.pv.ca/auto_addr_list",
+                               "org.phoebus.pv.pva/epics_pva_addr_list",
+                               "org.phoebus.pv.pva/epics_pva_auto_addr_list"}
+    assert settings["org.phoebus.pv.ca/auto_addr_list"] == "false"
+    assert settings["org.phoebus.pv.pva/epics_pva_auto_addr_list"] == "false"
+    (phoebus,) = [c for c in NOT_RUN if c.startswith("phoebus")]
+    output, prefix = _screens_options()
+    assert "-settings settings.ini " in phoebus
+    assert f'-resource "file://$PWD/{output}?{screens.MACRO}={prefix}"' in phoebus
+    packaged = screens.SCREEN_PATH.read_text(encoding="utf-8")
+    assert f"$({screens.MACRO}):{pvs.SPECTRUM_Y.name}" in packaged
+
+
+def _table_rows(text: str, header: str) -> list[list[str]]:
+    """The rows of the Markdown table whose header line starts with `header`, as cells."""
+    lines = text[text.index(header):].splitlines()
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_status_table_names_the_states_of_the_record() -> None:
+    rows = _table_rows(readme_text(), "| `STATUS` | alarm |")
+    assert sorted(row[0] for row in rows) == sorted(pvs.STATE_LABELS.values())
+    severities = dict(pvs.STATUS.options)
+    for label, alarm, _ in rows:
+        assert alarm == ("" if severities[label] == pvs.NO_ALARM else severities[label]), label
+    for label, _ in pvs.ROI_STATUS.options[1:]:
+        assert f'`ROI_STATUS` "{label}"' in readme_text(), label
+
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+_URL = re.compile(r"\bhttps?://([^/\s:\"'`)]+)")
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "<ioc-host>"}
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors of the headings of a Markdown text."""
+    text = FENCE.sub("", text)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+@pytest.mark.parametrize("path", [README, *docs()], ids=lambda p: p.name)
+def test_links_point_to_files_of_the_repository(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    links = _LINK.findall(FENCE.sub("", text))
+    assert links or path != README
+    for link in links:
+        target, _, anchor = link.partition("#")
+        assert "://" not in target and not target.startswith("/"), f"{path.name}: {link}"
+        file = (path.parent / target).resolve() if target else path
+        assert file.is_relative_to(REPO) and file.exists(), f"{path.name}: {link}"
+        if anchor:
+            assert anchor in _anchors(file.read_text(encoding="utf-8")), f"{path.name}: {link}"
+    # no web addresses but the IOC's own REST API
+    assert set(_URL.findall(text)) <= _LOCAL_HOSTS, f"{path.name}: {_URL.findall(text)}"
+
+
+# ------------------------------------------------------------------------- docs/architecture.md
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """(modules of psss_ioc, third-party top-level packages) that `path` imports anywhere."""
+    def is_module(dotted: str) -> bool:
+        p = PACKAGE.joinpath(*dotted.split("."))
+        return p.with_suffix(".py").exists() or (p / "__init__.py").exists()
+
+    own, third = set(), set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                top = alias.name.split(".")[0]
+                if top == "psss_ioc":
+                    own.add(alias.name.removeprefix("psss_ioc."))
+                elif top not in sys.stdlib_module_names:
+                    third.add(top)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            top = node.module.split(".")[0]
+            if top == "psss_ioc":
+                base = node.module.removeprefix("psss_ioc").lstrip(".")
+                for alias in node.names:
+                    name = f"{base}.{alias.name}" if base else alias.name
+                    own.add(name if is_module(name) else base or "__init__")
+            elif top not in sys.stdlib_module_names:
+                third.add(top)
+    return own, third
+
+
+def test_architecture_module_table_is_the_code() -> None:
+    """Every module of psss_ioc/ is in the table, with exactly what it imports."""
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    rows = _table_rows(text, "| module | one job |")
+
+    def names(cell: str) -> set[str]:
+        return set() if cell == "-" else {n.strip().strip("`") for n in cell.split(",")}
+
+    table = {row[0].strip("`"): (names(row[2]), names(row[3])) for row in rows}
+    modules = {p.relative_to(PACKAGE).as_posix(): p for p in sorted(PACKAGE.rglob("*.py"))}
+    assert table.keys() == modules.keys(), (
+        f"add to docs/architecture.md: {sorted(modules.keys() - table.keys())}; "
+        f"remove: {sorted(table.keys() - modules.keys())}")
+    for name, path in modules.items():
+        own, third = _imports(path)
+        assert table[name] == (own, third), (
+            f"docs/architecture.md, {name}: imports from psss_ioc {sorted(own)}, "
+            f"third-party {sorted(third)}")

@@ -89,8 +89,15 @@ def test_background_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert (rest.default_background_dir(IocConfig(autosave_dir=tmp_path / "as"))
             == tmp_path / "as" / "backgrounds")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    assert (rest.default_background_dir(IocConfig())
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    # autosave on by default: uploads live beside the saved settings of this prefix
+    assert (rest.default_background_dir(IocConfig(prefix="CAM"))
+            == tmp_path / "state" / "psss-ioc" / "CAM" / "backgrounds")
+    assert (rest.default_background_dir(IocConfig(autosave=False))
             == tmp_path / "state" / "psss-ioc" / "backgrounds")
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "systemd"))
+    assert (rest.default_background_dir(IocConfig())
+            == tmp_path / "systemd" / "backgrounds")
 
 
 def test_stored_names_are_new_and_safe(tmp_path: Path) -> None:

@@ -17,8 +17,9 @@ epicsEnvSet("PSSS_OUTPUT_PORT", "8889")
 # Protect writes with `--rest-token` (or PSSS_REST_TOKEN in the environment file) when open.
 epicsEnvSet("PSSS_REST_HOST", "127.0.0.1")
 epicsEnvSet("PSSS_REST_PORT", "12000")
-# Settings (ROI, axis, background file, ...) survive restarts here
-epicsEnvSet("PSSS_AUTOSAVE_DIR", "/var/lib/psss-ioc/autosave")
+# Settings (ROI, axis, background file, ...) survive restarts, saved by default in
+# $STATE_DIRECTORY (systemd), else ~/.local/state/psss-ioc/<prefix>; another place:
+#epicsEnvSet("PSSS_AUTOSAVE_DIR", "/var/lib/psss-ioc/autosave")
 # Channel Access: spectra and axes are waveforms of up to 8192 doubles
 epicsEnvSet("EPICS_CA_MAX_ARRAY_BYTES", "40000000")
 
