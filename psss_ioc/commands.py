@@ -20,15 +20,28 @@ import numpy as np
 
 from psss_ioc import pvs
 from psss_ioc.ioc_config import (
+    DEFAULT_IMAGE_PORT,
+    DEFAULT_MAX_IMAGE_MB,
     DEFAULT_OUTPUT_PORT,
     DEFAULT_PREFIX,
+    DOCUMENT_NAMES,
     KERNELS_LOADING,
+    OUTPUT_NAMES,
+    V18_NAMES,
     IocConfig,
+    prefix_problem,
 )
 
 log = logging.getLogger(__name__)
 
 DEMO_PREFIX = "PSSS-DEMO"
+
+
+def _checked_prefix(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A prefix the IOC can serve records under, else a usage error saying why."""
+    if problem := prefix_problem(value):
+        raise click.BadParameter(problem)
+    return value
 
 
 def _explicit(ctx: click.Context) -> set[str]:
@@ -44,7 +57,7 @@ def _explicit(ctx: click.Context) -> set[str]:
 # not depend on which way the command was first built in a process.
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("input_stream", required=False, default="")
-@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
+@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, callback=_checked_prefix,
               help="Record prefix; records are <prefix>:<NAME>.")
 @click.option("--input-mode", type=click.Choice(["PULL", "SUB"], case_sensitive=False),
               default="PULL", show_default=True)
@@ -54,9 +67,19 @@ def _explicit(ctx: click.Context) -> set[str]:
               help="Port of the output bsread stream (0: none).")
 @click.option("--output-mode", type=click.Choice(["PUSH", "PUB"], case_sensitive=False),
               default="PUSH", show_default=True)
+@click.option("--output-names", type=click.Choice(OUTPUT_NAMES), default=DOCUMENT_NAMES,
+              show_default=True,
+              help=f"Output channel names: '{V18_NAMES}' as psss_processing 1.8.0 sent them "
+                   "(<prefix>:SPECTRUM_Y, SPECTRUM_X, SPECTRUM_CENTER, SPECTRUM_FWHM, "
+                   "processing_parameters; the image in its own stream, port "
+                   f"{DEFAULT_IMAGE_PORT} unless --image-output-port), '{DOCUMENT_NAMES}' as "
+                   "its README names them (<image channel>.spectrum, .center, ...).")
 @click.option("--image-output-port", type=int, default=None,
               help="Send the image in its own stream on this port (as psss_processing 1.8).")
 @click.option("--no-forward-image", is_flag=True, help="Leave the image out of the output.")
+@click.option("--max-image-mb", type=click.FloatRange(min=0.001), default=DEFAULT_MAX_IMAGE_MB,
+              show_default=True,
+              help="Refuse camera images larger than this, decoded, before decompressing them.")
 @click.option("--auto-start", is_flag=True, help="Start processing once the IOC is up.")
 @click.option("--autosave-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory of the autosave files [default: $STATE_DIRECTORY, else "
@@ -109,7 +132,9 @@ def run_command(ctx: click.Context, **options: Any) -> None:
         output_port=options["output_port"],
         output_mode=options["output_mode"].upper(),
         image_port=options["image_output_port"],
+        output_names=options["output_names"],
         forward_image=not options["no_forward_image"],
+        max_image_mb=options["max_image_mb"],
         auto_start=options["auto_start"],
         autosave=not options["no_autosave"],
         autosave_dir=options["autosave_dir"],
@@ -521,12 +546,19 @@ def _run_demo(console: _Console, children: _Children, log: IO[bytes], log_path: 
 # ------------------------------------------------------------------------------ legacy CLI
 @click.command("psss_processing", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("input_stream")
-@click.option("-i", "--prefix", default=DEFAULT_PREFIX, show_default=True)
+@click.option("-i", "--prefix", default=DEFAULT_PREFIX, show_default=True,
+              callback=_checked_prefix)
 @click.option("--image_channel", "--image-channel", "image_channel", default=None,
               help="bsread channel of the image [default: <prefix>:FPICTURE].")
 @click.option("-o", "--data_output_stream_port", type=int, default=DEFAULT_OUTPUT_PORT,
               show_default=True)
-@click.option("--image_output_stream_port", type=int, default=None)
+@click.option("--image_output_stream_port", type=int, default=None,
+              help=f"Port of the image's own stream [default: {DEFAULT_IMAGE_PORT}; "
+                   f"{DOCUMENT_NAMES} names: none, the image goes with the results].")
+@click.option("--output_names", "--output-names", "output_names", type=click.Choice(OUTPUT_NAMES),
+              default=V18_NAMES, show_default=True,
+              help=f"Output channel names: '{V18_NAMES}' as psss_processing 1.8.0 sent them, "
+                   f"'{DOCUMENT_NAMES}' as its README names them (see psss-ioc run --help).")
 @click.option("-r", "--rest_api_port", type=int, default=12000, show_default=True)
 @click.option("--rest_api_interface", default="0.0.0.0", show_default=True)
 @click.option("--log_level", default="INFO", show_default=True,
@@ -542,7 +574,7 @@ def _run_demo(console: _Console, children: _Children, log: IO[bytes], log_path: 
               help="Save no settings (they are lost at a restart).")
 def legacy_main(input_stream: str, prefix: str, image_channel: str | None,
                 data_output_stream_port: int,
-                image_output_stream_port: int | None, rest_api_port: int,
+                image_output_stream_port: int | None, output_names: str, rest_api_port: int,
                 rest_api_interface: str, log_level: str, auto_start: bool,
                 ymin_pv: str | None, ymax_pv: str | None, axis_pv: str | None,
                 autosave_dir: Path | None, no_autosave: bool) -> None:
@@ -559,6 +591,7 @@ def legacy_main(input_stream: str, prefix: str, image_channel: str | None,
         image_channel=image_channel,
         output_port=data_output_stream_port,
         image_port=image_output_stream_port,
+        output_names=output_names,
         auto_start=auto_start,
         autosave=not no_autosave,
         autosave_dir=autosave_dir,

@@ -30,23 +30,27 @@ from typing import Any
 
 import numpy as np
 from epicscorelibs.ca.dbr import ca_timestamp
-from softioc import alarm, asyncio_dispatcher, autosave, builder, softioc
+from softioc import alarm, asyncio_dispatcher, builder, softioc
 
+from psss_ioc import access, memory, processing, pvs, record_writer
 from psss_ioc import background as bgfile
-from psss_ioc import memory, processing, pvs, record_writer
 from psss_ioc.control import WHOLE_IMAGE, RoiControl, RoiOutcome, roi_setting
 from psss_ioc.ioc_config import (
     ENV_AUTOSAVE_DIR,
     ENV_INPUT_MODE,
     ENV_INPUT_STREAM,
+    ENV_OUTPUT_NAMES,
     ENV_OUTPUT_PORT,
     ENV_PREFIX,
     ENV_REST_HOST,
     ENV_REST_PORT,
     KERNELS_LOADING,
+    OUTPUT_NAMES,
     IocConfig,
     autosave_dir_of,
+    prefix_problem,
 )
+from psss_ioc.parameters import LegacyParameters
 from psss_ioc.pipeline import (
     BAD_IMAGE,
     MISSING_CHANNEL,
@@ -58,9 +62,10 @@ from psss_ioc.pipeline import (
     Statistics,
 )
 from psss_ioc.processing import AveragedResult, FrameMismatchError, Result, Settings
-from psss_ioc.pvs import PV, BackgroundState, Kind, SettingState, State
+from psss_ioc.pvs import PV, AutosaveState, BackgroundState, Kind, SettingState, State
 from psss_ioc.ratelimit import RateLimitedLog
 from psss_ioc.record_writer import FrameChainWriter
+from psss_ioc.settings_file import SettingsFile
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +102,8 @@ def run_boot_script(path: Path) -> dict[str, str]:
         status = iocsh_load(str(path).encode(), f"ST_DIR={path.parent}".encode())
     if status != 0:
         raise RuntimeError(f"boot script {path} failed (iocsh status {status})")
-    names = [ENV_PREFIX, ENV_INPUT_STREAM, ENV_INPUT_MODE, ENV_OUTPUT_PORT, ENV_AUTOSAVE_DIR,
-             ENV_REST_HOST, ENV_REST_PORT, "EPICS_CA_MAX_ARRAY_BYTES"]
+    names = [ENV_PREFIX, ENV_INPUT_STREAM, ENV_INPUT_MODE, ENV_OUTPUT_PORT, ENV_OUTPUT_NAMES,
+             ENV_AUTOSAVE_DIR, ENV_REST_HOST, ENV_REST_PORT, "EPICS_CA_MAX_ARRAY_BYTES"]
     found = {n: v for n in names if (v := _libc_getenv(n)) is not None}
     if "EPICS_CA_MAX_ARRAY_BYTES" in found:
         os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = found["EPICS_CA_MAX_ARRAY_BYTES"]
@@ -138,16 +143,25 @@ def _without_colours() -> Iterator[None]:
 
 
 def set_access_security_file(path: Path) -> None:
-    from epicscorelibs.ioc import dbCore
+    """``--acf``: wins over the boot script's asSetFilename and the built-in file."""
+    access.set_file(path)
 
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"access security file {path} does not exist")
-    fn = dbCore.asSetFilename
-    fn.argtypes = [ctypes.c_char_p]
-    fn.restype = ctypes.c_int
-    if fn(str(path).encode()) != 0:
-        raise RuntimeError(f"asSetFilename({path}) failed")
+
+def check_access_security(config: IocConfig) -> None:
+    """Right after iocInit: a file that did not load leaves asLib inactive, and every client
+    could write every field. Exit instead (the ACF error is in the log just before)."""
+    if not access.active():
+        log.critical("access security did not load (see the error above): not serving "
+                     "without it")
+        softioc.safeEpicsExit(1)
+    log.info(access.describe())
+    # REST open to the network under a file that lets any host write (the built-in one, the
+    # legacy psss_processing line): say so once (an address of no real host, RFC 5737)
+    open_rest = config.rest is not None and config.rest[0] not in ("127.0.0.1", "localhost")
+    if open_rest and not config.rest_token and access.may_write_settings("192.0.2.1"):
+        log.warning("REST API open on %s without a token, and the access security file in "
+                    "force lets any host write the settings: list the control hosts in an "
+                    "access security file (--acf, st.cmd) or set --rest-token", config.rest[0])
 
 
 # ---------------------------------------------------------------------------- records
@@ -175,9 +189,12 @@ def build_chained_record(pv: PV, prefix: str) -> Any:
     head = chain[0]
     position = chain.index(pv)
     next_pv = chain[position + 1] if position + 1 < len(chain) else None
-    # DISP=1: results are the IOC's to write (dbPut, which DISP does not stop); a client's
-    # put is refused ("put disabled") instead of showing a made-up value until the next frame.
-    fields: dict[str, Any] = {"DESC": pv.desc, "PINI": "YES", "DISP": 1}
+    # Results are the IOC's to write (dbPut, which neither access security nor DISP stops):
+    # their group has no write rule, so no client writes VAL or any other field (DISP 0 first
+    # would let a later put show a made-up value). DISP=1 also refuses puts under a site file
+    # that grants more.
+    fields: dict[str, Any] = {"DESC": pv.desc, "PINI": "YES", "DISP": 1, "ASG": pv.asg}
+    fields.update(_alarm_fields(pv))
     if pv.timestamped and pv == head:
         fields["TSE"] = -2
     elif pv.timestamped:
@@ -208,27 +225,39 @@ def build_chained_record(pv: PV, prefix: str) -> Any:
             fields[f"{state}VL"] = i
             fields[f"{state}SV"] = severity
         fields["VAL"] = pv.initial if pv.initial is not None else 0
+        fields["UNSV"] = pvs.INVALID  # a value with no state: not a valid state
         return builder.records.mbbi(pv.name, **fields)
     raise ValueError(f"{pv.name}: a {pv.kind.value} record cannot be in a chain")
+
+
+def _alarm_fields(pv: PV) -> dict[str, Any]:
+    """Limit alarms of the entry: LOW=1, LSV=MINOR, ..., HYST."""
+    fields: dict[str, Any] = {}
+    for limit, value, severity in pv.alarms:
+        fields[limit] = value
+        fields[pvs.ALARM_FIELDS[limit]] = severity
+    if pv.hyst is not None:
+        fields["HYST"] = pv.hyst
+    return fields
 
 
 def build_record(pv: PV, prefix: str, **callbacks: Any) -> Any:
     """One record from one PV table entry (softioc's, except the frame chain's)."""
     if pvs.chain_of(pv) is not None:
         return build_chained_record(pv, prefix)
-    fields: dict[str, Any] = {"DESC": pv.desc}
+    # settings: clients write VAL only (from the hosts the file in force lists); the others:
+    # no field at all (see pvs.SETTINGS_ASG)
+    fields: dict[str, Any] = {"DESC": pv.desc, "ASG": pv.asg}
+    fields.update(_alarm_fields(pv))
     if pv.egu:
         fields["EGU"] = pv.egu
     if pv.prec is not None and pv.kind in (Kind.AI, Kind.AO, Kind.WAVEFORM_IN, Kind.WAVEFORM_OUT):
         fields["PREC"] = pv.prec
     if pv.initial is not None:
         fields["initial_value"] = pv.initial
-    if pv.autosave:
-        fields["autosave"] = True
     if pv.timestamped:
         fields["TSE"] = -2
     if pv.writable:
-        fields["ASG"] = pvs.SETTINGS_ASG
         fields.update(callbacks)
     kind = pv.kind
     if kind in (Kind.AI,):
@@ -241,6 +270,8 @@ def build_record(pv: PV, prefix: str, **callbacks: Any) -> Any:
             fields["LOPR"] = pv.low
         if pv.high is not None:
             fields["HOPR"] = pv.high
+    if kind == Kind.MBB_IN:
+        fields["UNSV"] = pvs.INVALID  # a value with no state: not a valid state
     if kind in (Kind.MBB_IN, Kind.MBB_OUT):
         options = [(label, _SEVERITIES[sev]) for label, sev in pv.options]
         maker = builder.mbbIn if kind == Kind.MBB_IN else builder.mbbOut
@@ -278,7 +309,7 @@ def write_database(path: Path, prefix: str = "$(P)") -> None:
     builder.SetDeviceName(prefix)
     records = {pv.name: build_record(pv, prefix) for pv in pvs.TABLE}
     add_pva_group(records, prefix)
-    for pv in pvs.AUTOSAVED:  # softioc autosaves these itself; the info tag tells the reader
+    for pv in pvs.AUTOSAVED:  # saved by psss_ioc.settings_file; the info tag tells the reader
         records[pv.name].add_info("autosaveFields", "VAL")
     builder.WriteRecords(str(path))
 
@@ -289,6 +320,11 @@ def _clip_message(text: str) -> str:
     if len(data) <= limit:
         return text
     return data[: limit - 3].decode(errors="ignore") + "..."
+
+
+def _saturated(count: int) -> int:
+    """A counter as the int64 records hold it: it stops at the top instead of failing."""
+    return min(int(count), 2**63 - 1)
 
 
 class RecordPublisher:
@@ -362,10 +398,10 @@ class RecordPublisher:
     def publish_statistics(self, stats: Statistics) -> None:
         self._write_chain(pvs.STATS_CHAIN, {
             pvs.RATE.name: float(stats.rate_hz),
-            pvs.N_PROCESSED.name: int(stats.n_processed),
-            pvs.N_LOST.name: int(stats.n_lost),
-            pvs.N_ERRORS.name: int(stats.n_errors),
-            pvs.N_OUT_DROPPED.name: int(stats.n_out_dropped),
+            pvs.N_PROCESSED.name: _saturated(stats.n_processed),
+            pvs.N_LOST.name: _saturated(stats.n_lost),
+            pvs.N_ERRORS.name: _saturated(stats.n_errors),
+            pvs.N_OUT_DROPPED.name: _saturated(stats.n_out_dropped),
             pvs.PROC_TIME.name: float(stats.proc_time_ms),
         })
 
@@ -427,9 +463,15 @@ class PsssIoc:
         self._log_limit = RateLimitedLog(log, period=1.0)
         factory = source_factory or default_source_factory(config)
         self.pipeline = Pipeline(factory, sender=sender,
-                                 source_counters=_source_counters, source_fault=_source_fault)
+                                 source_counters=_source_counters, source_fault=_source_fault,
+                                 max_width=pvs.MAX_WIDTH)
         self.pipeline.set_input(config.input_stream, config.input_mode)
         self.roi = RoiControl(lambda roi: self.pipeline.configure(roi=roi), self._show_roi)
+        # GET /parameters and the output stream's processing_parameters: one view
+        self.sender = sender
+        self.parameters = LegacyParameters(lambda pv: self.rec(pv).get())
+        if hasattr(sender, "parameters_view"):
+            sender.parameters_view = self.parameters.view  # type: ignore[union-attr]
 
     # -------------------------------------------------------------- building
     def build(self) -> None:
@@ -452,6 +494,7 @@ class PsssIoc:
             pvs.AVG_N.name: {"validate": self._validate_avg_n},
             pvs.FIT_ENABLE.name: {"validate": self._validate_fit_enable},
             pvs.FIT_MIN_SNR.name: {"validate": self._validate_min_snr},
+            pvs.PARAMETERS_EXTRA.name: {"validate": self.parameters.validator(self.message)},
         }
         for pv in pvs.TABLE:
             callbacks = cb.get(pv.name, {})
@@ -627,7 +670,9 @@ class PsssIoc:
             image = bgfile.load(path, shape=self.pipeline.image_shape,
                                 allowed=self.config.allowed_background_dirs())
             self.pipeline.configure(background=image, background_name=path)
-        except ValueError as e:  # BackgroundError is a ValueError, as are Settings errors
+        except Exception as e:  # refused (BackgroundError, Settings: ValueError) or a bug
+            if not isinstance(e, ValueError):
+                log.error("loading the background %s failed", path, exc_info=True)
             status.set(int(BackgroundState.ERROR))
             kept = self.pipeline.settings.background_name
             self.message(f"background refused: {e}; keeping {kept or 'none'}", error=True)
@@ -639,6 +684,37 @@ class PsssIoc:
         return True
 
     # -------------------------------------------------------------- start-up
+    def restore_settings(self, settings_file: SettingsFile | None
+                         ) -> tuple[AutosaveState, str]:
+        """Put the saved values into the records (before iocInit); the state and message to
+        show once the IOC is up (`show_autosave`)."""
+        if settings_file is None:
+            return AutosaveState.OFF, "autosave is off: settings will not survive a restart"
+        try:
+            restored = settings_file.restore()
+        except OSError as e:  # the directory cannot be made or read
+            return AutosaveState.SAVE_FAILING, f"autosave directory unusable: {e}"
+        log.log(logging.INFO if restored.state == AutosaveState.OK else logging.ERROR,
+                "%s", restored.message)
+        for pv in pvs.AUTOSAVED:
+            name = pvs.full_name(self.config.prefix, pv)
+            if name not in restored.values:
+                continue
+            try:
+                self.rec(pv).set(restored.values[name])
+            except Exception as e:  # a value the record cannot hold: its default stays
+                log.error("restored %s refused (%r): %s", pv.name, restored.values[name], e)
+        return restored.state, restored.message
+
+    def autosaved_values(self) -> dict[str, Any]:
+        return {pvs.full_name(self.config.prefix, pv): self.rec(pv).get()
+                for pv in pvs.AUTOSAVED}
+
+    def show_autosave(self, state: AutosaveState, message: str) -> None:
+        self.rec(pvs.AUTOSAVE_STATUS).set(int(state))
+        if state not in (AutosaveState.OK, AutosaveState.OFF):
+            self.message(message, error=True)
+
     def apply_restored_settings(self) -> None:
         """Autosave restores record values without callbacks: apply them once here."""
         try:  # the same rule as a put: an invalid pair waits, alarmed, the whole image used
@@ -755,7 +831,8 @@ def default_source_factory(config: IocConfig) -> SourceFactory:
         from psss_ioc.stream import CameraSource
 
         source = CameraSource(address, mode=mode, image_channel=config.channel,
-                              receive_timeout=config.receive_timeout)
+                              receive_timeout=config.receive_timeout,
+                              max_image_bytes=round(config.max_image_mb * 1e6))
         return source.connect()
 
     return factory
@@ -768,7 +845,8 @@ def make_sender(config: IocConfig) -> Any:
 
     sender = ResultSender(config.output_port, mode=config.output_mode,
                           image_channel=config.channel, forward_image=config.forward_image,
-                          image_port=config.image_port)
+                          image_port=config.image_output_port,
+                          output_names=config.output_names, prefix=config.prefix)
     sender.open()
     return sender
 
@@ -783,6 +861,11 @@ def apply_boot_environment(config: IocConfig, env: dict[str, str], explicit: set
         config.input_mode = env[ENV_INPUT_MODE].upper()
     if ENV_OUTPUT_PORT in env and "output_port" not in explicit:
         config.output_port = int(env[ENV_OUTPUT_PORT])
+    if ENV_OUTPUT_NAMES in env and "output_names" not in explicit:
+        if env[ENV_OUTPUT_NAMES] not in OUTPUT_NAMES:
+            raise ValueError(f"{ENV_OUTPUT_NAMES} {env[ENV_OUTPUT_NAMES]!r} is not one of "
+                             f"{', '.join(OUTPUT_NAMES)}")
+        config.output_names = env[ENV_OUTPUT_NAMES]
     if ENV_AUTOSAVE_DIR in env and "autosave_dir" not in explicit and env[ENV_AUTOSAVE_DIR]:
         config.autosave_dir = Path(env[ENV_AUTOSAVE_DIR])
     if config.rest is not None and "no_rest" not in explicit:  # REST: PSSS_REST_PORT "0" = off
@@ -793,34 +876,13 @@ def apply_boot_environment(config: IocConfig, env: dict[str, str], explicit: set
             config.rest = None
 
 
-def configure_autosave(config: IocConfig) -> Path | None:
-    """Autosave on by default (see `autosave_dir_of`); the log says where from and to."""
+def settings_file_of(config: IocConfig) -> SettingsFile | None:
+    """The autosave file, on by default (see `autosave_dir_of`); None with --no-autosave."""
     directory = autosave_dir_of(config)
     if directory is None:
         log.warning("autosave is off (--no-autosave): settings will not survive a restart")
         return None
-    directory.mkdir(parents=True, exist_ok=True)
-    name = config.prefix.replace(":", "_")
-    saved = directory / f"{name}.softsav"
-    # one backup of the last boot's file, overwritten each start (timestamped ones pile up).
-    # Off on a first start until LoadDatabase has run (`enable_autosave`): with no file to
-    # back up or load, softioc prints "Could not back up autosave" and "Could not load".
-    autosave.configure(directory, name, save_period=config.autosave_period,
-                       timestamped_backups=False, enabled=saved.is_file())
-    if saved.is_file():
-        log.info("settings restored from %s; saved there every %g s and at exit", saved,
-                 config.autosave_period)
-    else:
-        log.info("no saved settings in %s (first start): defaults; settings will be saved "
-                 "there", directory)
-    return directory
-
-
-def enable_autosave() -> None:
-    """After LoadDatabase, before iocInit (which starts the saving thread): autosave on if
-    configured (see `configure_autosave`)."""
-    if autosave.AutosaveConfig.directory is not None:
-        autosave.AutosaveConfig.enabled = True
+    return SettingsFile(directory, config.prefix.replace(":", "_"))
 
 
 def _serve_rest(ioc: PsssIoc) -> Any:
@@ -844,13 +906,17 @@ def run(config: IocConfig, explicit: set[str] | None = None,
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    # the built-in access security file unless the boot script or --acf names another
+    access.use_defaults()
     if config.st_cmd is not None:
         apply_boot_environment(config, run_boot_script(config.st_cmd), explicit or set())
     if config.acf is not None:
         set_access_security_file(config.acf)
     if config.input_mode.upper() not in ("PULL", "SUB"):
         raise ValueError(f"input mode must be PULL or SUB, not {config.input_mode!r}")
-    configure_autosave(config)
+    if problem := prefix_problem(config.prefix):  # (st.cmd may have set it)
+        raise SystemExit(f"psss-ioc: cannot serve records: {problem}")
+    settings_file = settings_file_of(config)
     # Load the compiled kernels from numba's cache (~0.5 s; the first start after an install
     # compiles them) before serving, instead of stalling the first frame. Not in a thread: it
     # would hold the GIL while the main thread still has to reach wait_for_quit, and a SIGTERM
@@ -864,33 +930,64 @@ def run(config: IocConfig, explicit: set[str] | None = None,
     sender = make_sender(config)
     ioc = PsssIoc(config, sender=sender)
     ioc.build()
+    restored = ioc.restore_settings(settings_file)  # before iocInit: records start with them
     builder.LoadDatabase()
-    enable_autosave()
     softioc.devIocStats(pvs.full_name(config.prefix, pvs.IOC_STATS))
     dispatcher = asyncio_dispatcher.AsyncioDispatcher()
     softioc.iocInit(dispatcher, enable_pva=config.enable_pva)
-    memory.release_memory_lock()  # iocInit's mlockall, when real-time priority is available
-    ioc.lock_sysreset()
-    ioc.apply_restored_settings()
-    ioc.follow_external_pvs()
-    memory.freeze_startup_objects()  # before the first frame: no 70 ms full GC passes later
-    log.info("IOC %s serving %d records", config.prefix, len(pvs.TABLE))
-    rest_server = _serve_rest(ioc)
-    if config.auto_start:
-        try:
-            ioc.pipeline.start()
-        except ValueError as e:
-            ioc.message(f"cannot start: {e}", error=True)
-    if on_ready is not None:
-        on_ready(ioc)
+    check_access_security(config)
+    rest_server = None
+    try:
+        # From here the records are served: whatever fails, this thread must go on to wait for
+        # the stop signal (a dead main thread leaves CA serving dead records, deaf to SIGTERM).
+        memory.release_memory_lock()  # iocInit's mlockall, with real-time priority available
+        ioc.lock_sysreset()
+        ioc.apply_restored_settings()
+        ioc.show_autosave(*restored)
+        if settings_file is not None:
+            settings_file.start(ioc.autosaved_values, config.autosave_period,
+                                ioc.show_autosave)
+        ioc.follow_external_pvs()
+        memory.freeze_startup_objects()  # before the first frame: no 70 ms full GC passes
+        log.info("IOC %s serving %d records", config.prefix, len(pvs.TABLE))
+        rest_server = _serve_rest(ioc)
+        if config.auto_start:
+            try:
+                ioc.pipeline.start()
+            except ValueError as e:
+                ioc.message(f"cannot start: {e}", error=True)
+        if on_ready is not None:
+            on_ready(ioc)
+    except Exception as e:
+        log.critical("start-up failed after iocInit; serving what is up", exc_info=True)
+        ioc.message(f"start-up failed: {type(e).__name__}: {e}", error=True)
     try:
         stop_requested.wait()
     finally:
+        _exit_within(STOP_DEADLINE)
+        if settings_file is not None:  # first: whatever hangs below, the settings are saved
+            settings_file.stop(ioc.autosaved_values)
         if rest_server is not None:
             rest_server.stop()
-        ioc.pipeline.stop(timeout=5.0)
+        ioc.pipeline.stop(timeout=3.0)
         if sender is not None:
             sender.close()
     softioc.safeEpicsExit(0)
+
+
+STOP_DEADLINE = 4.5  # seconds from SIGTERM to the end of the process, whatever hangs
+
+
+def _exit_within(seconds: float) -> None:
+    """End the process after `seconds` if the orderly stop has not by then: a thread blocked
+    in a file system or a library call must not keep an IOC alive that was told to stop."""
+    def force() -> None:
+        log.error("the IOC did not stop within %g s: exiting anyway", seconds)
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
 
 

@@ -4,13 +4,44 @@ so the command line can build it without loading EPICS."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from psss_ioc import pvs
+
 DEFAULT_PREFIX = "SARFE10-PSSS059"
 DEFAULT_OUTPUT_PORT = 8889
+# Channel names of the output stream: psss_processing 1.8's (named after the PVs, the image in
+# its own stream on DEFAULT_IMAGE_PORT) or its README's (named after the image channel).
+V18_NAMES = "v1.8"
+DOCUMENT_NAMES = "document"
+OUTPUT_NAMES = (V18_NAMES, DOCUMENT_NAMES)
+DEFAULT_IMAGE_PORT = 8890
+# The largest camera image accepted, decoded, in MB (10^6 bytes; the PSSS camera's is 10.3):
+# a bigger one is refused before it is decompressed.
+DEFAULT_MAX_IMAGE_MB = 64
 IMAGE_CHANNEL_SUFFIX = ":FPICTURE"
+
+
+# Record names are <prefix>:<NAME>, at most 60 characters (EPICS).
+_LONGEST_NAME = max(len(pv.name) for pv in pvs.TABLE)
+_RECORD_NAME = re.compile(r"[A-Za-z0-9_:\-<>\[\]{};]+")
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Why records cannot be served under `prefix`, or None."""
+    if not prefix:
+        return "the prefix is empty"
+    if not _RECORD_NAME.fullmatch(prefix):
+        bad = sorted({c for c in prefix if not _RECORD_NAME.fullmatch(c)})
+        return (f"the prefix {prefix!r} has characters EPICS record names cannot have: "
+                f"{' '.join(repr(c) for c in bad)} (use letters, digits, _ - : [ ] < > {{ }} ;)")
+    if len(prefix) + 1 + _LONGEST_NAME > 60:
+        return (f"the prefix {prefix!r} is too long: record names are at most 60 characters, "
+                f"so the prefix may have {60 - 1 - _LONGEST_NAME}")
+    return None
 
 
 def image_channel_for(prefix: str) -> str:
@@ -23,6 +54,7 @@ ENV_PREFIX = "PSSS_PREFIX"
 ENV_INPUT_STREAM = "PSSS_INPUT_STREAM"
 ENV_INPUT_MODE = "PSSS_INPUT_MODE"
 ENV_OUTPUT_PORT = "PSSS_OUTPUT_PORT"
+ENV_OUTPUT_NAMES = "PSSS_OUTPUT_NAMES"  # "v1.8" or "document"
 ENV_AUTOSAVE_DIR = "PSSS_AUTOSAVE_DIR"
 ENV_REST_HOST = "PSSS_REST_HOST"
 ENV_REST_PORT = "PSSS_REST_PORT"  # "0": no REST API
@@ -41,7 +73,9 @@ class IocConfig:
     output_port: int = DEFAULT_OUTPUT_PORT  # 0: no output stream
     output_mode: str = "PUSH"
     image_port: int | None = None  # legacy: the image in its own stream on this port
+    output_names: str = DOCUMENT_NAMES  # V18_NAMES: 1.8's names, image on DEFAULT_IMAGE_PORT
     forward_image: bool = True
+    max_image_mb: float = DEFAULT_MAX_IMAGE_MB  # larger images are refused (--max-image-mb)
     auto_start: bool = False
     autosave: bool = True  # False: settings are not saved (--no-autosave)
     autosave_dir: Path | None = None  # default: `default_autosave_dir`
@@ -62,6 +96,13 @@ class IocConfig:
     @property
     def channel(self) -> str:
         return self.image_channel or image_channel_for(self.prefix)
+
+    @property
+    def image_output_port(self) -> int | None:
+        """The port of the image's own stream; None: the image goes with the results."""
+        if self.image_port is None and self.output_names == V18_NAMES:
+            return DEFAULT_IMAGE_PORT
+        return self.image_port
 
     def allowed_background_dirs(self) -> tuple[Path, ...]:
         """The directories background files may be read from: the background directory

@@ -61,6 +61,21 @@ class FrameLike(Protocol):
     image: np.ndarray
 
 
+class PartialImage(Protocol):
+    """An image decoded on request (a compressed camera frame's `lazy_image`, which the
+    pipeline finds on a frame instead of reading its `image`): only the rows processed are
+    decoded (`Pipeline._process`)."""
+
+    shape: tuple[int, ...]
+    ndim: int
+    dtype: np.dtype
+
+    def rows(self, ymin: int, ymax: int) -> np.ndarray | None:
+        """The image, of its full shape, with rows [ymin, ymax) decoded (the others hold
+        anything); None when they cannot be decoded (its source counted that)."""
+        ...
+
+
 class FrameSource(Protocol):
     def receive(self) -> FrameLike | None: ...
 
@@ -72,6 +87,10 @@ class ResultSink(Protocol):
 
 
 SourceFactory = Callable[[str, str], FrameSource]
+
+# The largest pulse id gap counted as lost frames: a day at SwissFEL's 100 Hz. A larger jump
+# (or one backwards) is a camera restart or a corrupt message, not lost frames.
+MAX_PULSE_GAP = 100 * 86_400
 
 # SourceFault kinds
 MISSING_CHANNEL = "missing_channel"
@@ -211,16 +230,19 @@ def _in_force_text(kind: str, settings: Settings, shape: tuple[int, ...]) -> str
     return "keeping the previous energy axis"
 
 
-def _image_problem(image: Any) -> tuple[str, str] | None:
-    """Why no spectrum can be made of `image` whatever the settings, as (reason, detail for
-    the log), or None. The dtype is process()'s to judge."""
-    if not isinstance(image, np.ndarray):
+def _image_problem(image: Any, max_width: int | None = None) -> tuple[str, str] | None:
+    """Why no spectrum can be made of `image` (an array or a `PartialImage`) whatever the
+    settings, as (reason, detail for the log), or None. The dtype is process()'s to judge."""
+    if not isinstance(image, np.ndarray) and not hasattr(image, "rows"):
         return f"the image is a {type(image).__name__}, not an array", ""
     if image.ndim != 2:
         # the shape goes to the log only: MESSAGE changes when the reason does, not per frame
         return f"the image is {image.ndim}-D, not 2-D", f"shape {image.shape}"
     if 0 in image.shape:
         return "the image is empty", f"shape {image.shape}"
+    if max_width is not None and image.shape[1] > max_width:
+        return (f"the image is {image.shape[1]} columns wide, more than the {max_width} the "
+                "spectrum records hold", f"shape {image.shape}")
     return None
 
 
@@ -260,6 +282,8 @@ class Pipeline:
         source_counters: the source's error counters by kind (for the statistics).
         source_fault: what the source saw in messages it made no frame of (see `SourceFault`),
             or None; asked while no good frame arrives.
+        max_width: the widest image whose spectrum the publisher can show (the records'
+            length); wider frames are refused as unusable images. None: no limit.
     """
 
     def __init__(
@@ -274,6 +298,7 @@ class Pipeline:
         stats_period: float = 0.5,
         source_counters: Callable[[FrameSource], dict[str, int]] | None = None,
         source_fault: Callable[[FrameSource], SourceFault | None] | None = None,
+        max_width: int | None = None,
     ) -> None:
         self._factory = source_factory
         self.publisher: Publisher = publisher or NullPublisher()
@@ -289,6 +314,7 @@ class Pipeline:
         self.stats_period = stats_period
         self._source_counters = source_counters
         self._source_fault = source_fault
+        self.max_width = max_width
         self._input: tuple[str, str] = ("", "PULL")
         self._input_changed = threading.Event()
         self._stop = threading.Event()
@@ -482,11 +508,14 @@ class Pipeline:
                     self._unexpected("receiving a frame", e)
                     self._stop.wait(0.1)
                     continue
-                if frame is None:
-                    self._idle(source)
-                else:
-                    self._handle(frame)
-                self._maybe_publish_statistics(source)
+                try:  # no input may end this loop: only stop() does
+                    if frame is None:
+                        self._idle(source)
+                    else:
+                        self._handle(frame)
+                    self._maybe_publish_statistics(source)
+                except Exception as e:
+                    self._unexpected("handling the input", e)
         except BaseException as e:  # pragma: no cover - last resort, must never be silent
             log.critical("processing thread died", exc_info=True)
             self._set_state(State.ERROR, f"processing thread died: {e!r}", error=True)
@@ -590,8 +619,10 @@ class Pipeline:
         self._last_frame_time = time.monotonic()
         try:
             self._count_pulse(frame.pulse_id)
-            image = frame.image
-            problem = _image_problem(image)
+            # a compressed frame's image is decoded on request: only the rows processed
+            lazy: PartialImage | None = getattr(frame, "lazy_image", None)
+            image = frame.image if lazy is None else lazy
+            problem = _image_problem(image, self.max_width)
             if problem is not None:
                 self._bad_frame(frame, *problem)
                 return
@@ -601,9 +632,9 @@ class Pipeline:
             except FrameMismatchError as e:
                 if e.kind != "image":  # (the settings' kinds are resolved in _settings_for)
                     raise
-                # what process() cannot take (a dtype it has no kernel for): the same
-                self._bad_frame(frame, f"image type {image.dtype} cannot be processed "
-                                "(integer and float images can)", str(e))
+                # what process() cannot take (a dtype it has no kernel for, 64-bit pixels
+                # whose sum would overflow): the same
+                self._bad_frame(frame, f"{image.dtype} image: {e}", "")
                 return
             if result is None:
                 self._n_skipped += 1
@@ -617,6 +648,8 @@ class Pipeline:
                     self._last_sent_time = time.time()
                 else:
                     self._n_out_dropped += 1
+            else:  # no output stream: the records are the output (last_sent_time for REST)
+                self._last_sent_time = time.time()
             self._n_processed += 1
             self._proc_time_ms = (time.perf_counter() - t0) * 1e3
             self.publisher.publish_result(frame, result, average)
@@ -632,10 +665,20 @@ class Pipeline:
             self._unexpected(f"processing frame {getattr(frame, 'pulse_id', '?')}", e)
 
     def _count_pulse(self, pulse_id: int) -> None:
+        """Frames lost: the gaps in the pulse id sequence. A jump no real gap explains
+        (backwards, or more than MAX_PULSE_GAP) is a corrupt or restarted source: counted as
+        such, not as lost frames, and the sequence goes on from the new id."""
         last = self._last_pulse_id
-        if last is not None and pulse_id > last + 1:
-            self._n_lost += pulse_id - last - 1
         self._last_pulse_id = pulse_id
+        if last is None or pulse_id == last + 1:
+            return
+        gap = pulse_id - last - 1
+        if 0 < gap <= MAX_PULSE_GAP:
+            self._n_lost += gap
+        elif gap != -1:  # (the same pulse id again is a duplicate, not a jump)
+            self._count_error("pulse_id_jump")
+            self._log("pulse_id_jump", logging.WARNING,
+                      f"pulse id jumped from {last} to {pulse_id}: not counted as lost frames")
 
     def _note_shape(self, shape: tuple[int, ...]) -> None:
         h, w = int(shape[0]), int(shape[1])
@@ -650,11 +693,18 @@ class Pipeline:
                 self.publisher.publish_message(msg, error=True)
                 self._noticed = True
 
-    def _process(self, image: np.ndarray) -> Result | None:
+    def _process(self, image: np.ndarray | PartialImage) -> Result | None:
         """process() with the settings for this frame's shape (see `_settings_for`)."""
         settings = self._settings_for(image.shape)
         if settings is None:
             return None
+        if not isinstance(image, np.ndarray):
+            # The one place an image is decoded for processing: the ROI rows only, which are
+            # all process() reads. None: they do not decode (counted by the frame's source).
+            decoded = image.rows(*roi_rows(settings.roi, image.shape[0]))
+            if decoded is None:
+                return None
+            image = decoded
         result = process(image, settings)
         self._in_force = settings
         return result

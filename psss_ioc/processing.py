@@ -193,7 +193,7 @@ class Settings:
                 compact,
                 (*fit_axis(axis), self.fit_enabled, float(self.min_snr), self.max_iterations),
             )
-            self._plans[(shape, image_dtype)] = plan
+            _remember(self._plans, (shape, image_dtype), plan)
         return plan
 
     def background_for(self, image_dtype: np.dtype) -> np.ndarray | None:
@@ -508,12 +508,34 @@ def spectrum(image: np.ndarray, settings: Settings) -> np.ndarray:
 
 def _planned_spectrum(image: np.ndarray, plan: FramePlan) -> np.ndarray:
     """The spectrum by the plan's kernel (the one-call path below runs the same kernels)."""
+    if image.dtype.itemsize == 8 and image.dtype.kind in "iu":
+        _check_64_bit_sum(image, plan)
     out = np.zeros(image.shape[1], dtype=plan.spectrum_dtype)
     if plan.compact_background is not None:
         _sum_rows_minus_compact_background(image, *plan.compact_background, *plan.rows, out)
     else:
         _add_rows(image, plan.background, *plan.rows, out)
     return out
+
+
+def _check_64_bit_sum(image: np.ndarray, plan: FramePlan) -> None:
+    """64-bit integer pixels can overflow the 64-bit sum (no wider exact accumulator exists):
+    refuse the frame unless its ROI's extremes prove the sum exact. Smaller integer images
+    cannot overflow their accumulator (`spectrum_dtype`); the camera's are uint16."""
+    ymin, ymax = plan.rows
+    rows = image[ymin:ymax]
+    high, low = int(rows.max()), int(rows.min())
+    info = np.iinfo(plan.spectrum_dtype)
+    if plan.background is not None:  # each term is max(p - q, 0), computed in the sum's dtype
+        high, low = high - int(plan.background.min()), 0
+        if high > info.max:
+            raise FrameMismatchError("image", f"pixel minus background up to {high} overflows "
+                                     f"a 64-bit integer: the frame cannot be summed exactly")
+    n = ymax - ymin
+    if high * n > info.max or low * n < info.min:
+        raise FrameMismatchError("image", f"{image.dtype} pixels up to {max(high, -low)} over "
+                                 f"{n} rows overflow the 64-bit sum: the frame cannot be "
+                                 "summed exactly")
 
 
 def _add_rows(
@@ -551,6 +573,16 @@ def _kernel_image(image: Any) -> np.ndarray:
 
 
 _COLUMN_AXES: dict[int, np.ndarray] = {}
+# Per-shape caches keep the last few shapes only: a stream whose image size changes every frame
+# (a broken or hostile camera) must not grow the IOC's memory without bound.
+SHAPES_KEPT = 4
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """cache[key] = value, dropping the oldest entries beyond SHAPES_KEPT."""
+    while len(cache) >= SHAPES_KEPT:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 def _column_axis(width: int) -> np.ndarray:
@@ -558,7 +590,7 @@ def _column_axis(width: int) -> np.ndarray:
     if axis is None:
         axis = np.arange(width, dtype=np.float64)
         axis.setflags(write=False)
-        _COLUMN_AXES[width] = axis
+        _remember(_COLUMN_AXES, width, axis)
     return axis
 
 

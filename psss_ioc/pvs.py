@@ -41,15 +41,22 @@ WRITABLE_KINDS = frozenset(
 # Alarm severities as the softioc builder spells them in mbb options.
 NO_ALARM, MINOR, MAJOR, INVALID = "NO_ALARM", "MINOR", "MAJOR", "INVALID"
 
-# Access security group of the writable records (see iocBoot/iocpsss/psss.acf); the
-# iocStats SYSRESET record goes into LOCKED_ASG.
-SETTINGS_ASG = "DEFAULT"
+# Access security groups (iocBoot/iocpsss/psss.acf, psss_ioc/default.acf): the writable
+# records are SETTINGS (their value only, from the listed hosts), every other record of the
+# table RESULTS (no client writes any field: the IOC writes them itself), the iocStats
+# SYSRESET record LOCKED.
+SETTINGS_ASG = "SETTINGS"
+RESULTS_ASG = "RESULTS"
 LOCKED_ASG = "LOCKED"
+
+# Limit alarms of analog and integer input records: (limit field, value, severity).
+ALARM_FIELDS = {"LOLO": "LLSV", "LOW": "LSV", "HIGH": "HSV", "HIHI": "HHSV"}
 
 # Longest spectrum/axis waveform: the camera is 2560 columns wide; leave room for others.
 MAX_WIDTH = 8192
 MESSAGE_LENGTH = 1024
 PATH_LENGTH = 1024
+EXTRA_LENGTH = 65536  # PARAMETERS_EXTRA: 32 keys of up to 64 + 256 characters, as JSON
 
 # Name of the PV Access group (one atomic snapshot of a result) under the prefix.
 PVA_GROUP = "SNAPSHOT"
@@ -75,10 +82,16 @@ class PV:
     timestamped: bool = False  # result records: stamped with the frame's timestamp (TSE=-2)
     group_field: str | None = None  # field name in the PVA group, if any
     group_trigger: bool = False  # posting this field posts the whole group
+    alarms: tuple[tuple[str, float, str], ...] = ()  # (LOLO|LOW|HIGH|HIHI, value, severity)
+    hyst: float | None = None  # alarm deadband (HYST)
 
     @property
     def writable(self) -> bool:
         return self.kind in WRITABLE_KINDS
+
+    @property
+    def asg(self) -> str:
+        return SETTINGS_ASG if self.writable else RESULTS_ASG
 
     def __post_init__(self) -> None:
         if len(self.desc) > 40:
@@ -89,6 +102,15 @@ class PV:
             raise ValueError(f"{self.name}: waveforms need dtype and nelm")
         if self.kind in (Kind.MBB_IN, Kind.MBB_OUT) and not self.options:
             raise ValueError(f"{self.name}: mbb records need options")
+        if self.kind in (Kind.AI, Kind.AO) and not (
+                self.egu and self.prec is not None and self.low is not None
+                and self.high is not None):
+            raise ValueError(f"{self.name}: analog records need EGU, PREC and display limits")
+        for limit, _, severity in self.alarms:
+            if limit not in ALARM_FIELDS or severity not in (MINOR, MAJOR, INVALID):
+                raise ValueError(f"{self.name}: bad alarm {limit} {severity}")
+            if self.kind not in (Kind.AI, Kind.LONG_IN, Kind.INT64_IN):
+                raise ValueError(f"{self.name}: limit alarms on ai/longin/int64in only")
 
 
 class State(IntEnum):
@@ -118,6 +140,16 @@ STATE_SEVERITIES = {
     State.NO_IMAGE_CHANNEL: MAJOR,
     State.BAD_IMAGE: MAJOR,
 }
+
+
+class AutosaveState(IntEnum):
+    """AUTOSAVE_STATUS: are the settings saved, and what was restored at start?"""
+
+    OK = 0
+    OFF = 1  # --no-autosave
+    FROM_BACKUP = 2  # the autosave file was bad: restored from the last good start's copy
+    DEFAULTS = 3  # the file and its backup were bad: started with defaults
+    SAVE_FAILING = 4  # e.g. the disk is full
 
 
 class BackgroundState(IntEnum):
@@ -170,8 +202,12 @@ AVG_N = PV("AVG_N", Kind.LONG_OUT, "Shots in the running average", low=1, high=1
            initial=10, autosave=True)
 FIT_ENABLE = PV("FIT_ENABLE", Kind.BOOL_OUT, "Gaussian fit on/off",
                 options=(("Off", NO_ALARM), ("On", NO_ALARM)), initial=1, autosave=True)
-FIT_MIN_SNR = PV("FIT_MIN_SNR", Kind.AO, "Least peak/noise ratio to fit", prec=1, low=0,
-                 high=1e6, initial=3.0, autosave=True)
+FIT_MIN_SNR = PV("FIT_MIN_SNR", Kind.AO, "Least peak/noise ratio to fit", egu="ratio",
+                 prec=1, low=0, high=1e6, initial=3.0, autosave=True)
+# Keys REST clients add to the parameters (tags shown in processing_parameters), a JSON object
+# (psss_ioc.parameters: at most 32 keys; scalars, strings up to 256 characters).
+PARAMETERS_EXTRA = PV("PARAMETERS_EXTRA", Kind.LONG_STRING_OUT, "Extra REST parameters (JSON)",
+                      nelm=EXTRA_LENGTH, initial="", autosave=True)
 
 # ---------------------------------------------------------------- results (per frame)
 SPECTRUM_Y = PV("SPECTRUM_Y", Kind.WAVEFORM_IN, "Spectrum: ROI rows summed per column",
@@ -180,18 +216,29 @@ SPECTRUM_Y = PV("SPECTRUM_Y", Kind.WAVEFORM_IN, "Spectrum: ROI rows summed per c
 SPECTRUM_AXIS = PV("SPECTRUM_AXIS", Kind.WAVEFORM_IN, "Energy axis in use for SPECTRUM_Y",
                    egu="eV", prec=3, dtype="float64", nelm=MAX_WIDTH, timestamped=True,
                    group_field="axis")
+# Display limits (LOPR/HOPR) of the results: photon energies of SwissFEL's hard and soft X-ray
+# lines; also the column index (up to MAX_WIDTH) when no energy axis is set.
+ENERGY_RANGE = (0.0, 20000.0)  # eV
+WIDTH_RANGE = (0.0, 1000.0)  # eV
+COUNTS_RANGE = (0.0, 1e7)  # ROI rows summed: a few hundred rows of 16-bit pixels
 SPECTRUM_CENTER = PV("SPECTRUM_CENTER", Kind.AI, "Fitted Gaussian centre", egu="eV", prec=3,
-                     timestamped=True, group_field="center")
+                     low=ENERGY_RANGE[0], high=ENERGY_RANGE[1], timestamped=True,
+                     group_field="center")
 SPECTRUM_FWHM = PV("SPECTRUM_FWHM", Kind.AI, "Fitted Gaussian FWHM", egu="eV", prec=3,
-                   timestamped=True, group_field="fwhm")
-SPECTRUM_AMPLITUDE = PV("SPECTRUM_AMPLITUDE", Kind.AI, "Fitted Gaussian amplitude", prec=2,
+                   low=WIDTH_RANGE[0], high=WIDTH_RANGE[1], timestamped=True,
+                   group_field="fwhm")
+SPECTRUM_AMPLITUDE = PV("SPECTRUM_AMPLITUDE", Kind.AI, "Fitted Gaussian amplitude",
+                        egu="counts", prec=2, low=COUNTS_RANGE[0], high=COUNTS_RANGE[1],
                         timestamped=True, group_field="amplitude")
-SPECTRUM_OFFSET = PV("SPECTRUM_OFFSET", Kind.AI, "Fitted constant offset", prec=2,
+SPECTRUM_OFFSET = PV("SPECTRUM_OFFSET", Kind.AI, "Fitted constant offset", egu="counts",
+                     prec=2, low=-COUNTS_RANGE[1] / 10, high=COUNTS_RANGE[1] / 10,
                      timestamped=True)
 SPECTRUM_COM = PV("SPECTRUM_COM", Kind.AI, "Spectrum centre of mass", egu="eV", prec=3,
-                  timestamped=True, group_field="com")
+                  low=ENERGY_RANGE[0], high=ENERGY_RANGE[1], timestamped=True,
+                  group_field="com")
 SPECTRUM_STD = PV("SPECTRUM_STD", Kind.AI, "Spectrum RMS width", egu="eV", prec=3,
-                  timestamped=True, group_field="std")
+                  low=WIDTH_RANGE[0], high=WIDTH_RANGE[1], timestamped=True,
+                  group_field="std")
 SPECTRUM_FIT = PV("SPECTRUM_FIT", Kind.WAVEFORM_IN, "Fitted curve (for plotting)", prec=1,
                   dtype="float64", nelm=MAX_WIDTH, timestamped=True)
 FIT_STATUS = PV(
@@ -205,15 +252,17 @@ FIT_STATUS = PV(
     ),
     timestamped=True, group_field="fit_status", initial=4,
 )
-FIT_CHI2 = PV("FIT_CHI2", Kind.AI, "Fit reduced chi-square", prec=3, timestamped=True)
+FIT_CHI2 = PV("FIT_CHI2", Kind.AI, "Fit reduced chi-square", egu="chi2/dof", prec=3, low=0,
+              high=100, timestamped=True)
 PULSE_ID = PV("PULSE_ID", Kind.INT64_IN, "Pulse id of the last frame", timestamped=True,
               group_field="pulse_id")
 SPECTRUM_AVG_Y = PV("SPECTRUM_AVG_Y", Kind.WAVEFORM_IN, "Running average spectrum", prec=1,
                     dtype="float64", nelm=MAX_WIDTH, timestamped=True)
 SPECTRUM_AVG_CENTER = PV("SPECTRUM_AVG_CENTER", Kind.AI, "Centre of average spectrum fit",
-                         egu="eV", prec=3, timestamped=True)
+                         egu="eV", prec=3, low=ENERGY_RANGE[0], high=ENERGY_RANGE[1],
+                         timestamped=True)
 SPECTRUM_AVG_FWHM = PV("SPECTRUM_AVG_FWHM", Kind.AI, "FWHM of average spectrum fit", egu="eV",
-                       prec=3, timestamped=True)
+                       prec=3, low=WIDTH_RANGE[0], high=WIDTH_RANGE[1], timestamped=True)
 
 # The results of one frame, in the order their records process: plain soft records joined
 # by forward links (one lock set). Per frame, `record_writer.FrameChainWriter` puts all values,
@@ -245,17 +294,29 @@ IMAGE_WIDTH = PV("IMAGE_WIDTH", Kind.LONG_IN, "Image width of the last frame", e
                  initial=0)
 IMAGE_HEIGHT = PV("IMAGE_HEIGHT", Kind.LONG_IN, "Image height of the last frame", egu="px",
                   initial=0)
+AUTOSAVE_STATUS = PV(
+    "AUTOSAVE_STATUS", Kind.MBB_IN, "Settings saved? restored from where?",
+    options=(("OK", NO_ALARM), ("Off", MINOR), ("From backup", MINOR),
+             ("Bad file: defaults", MAJOR), ("Save failing", MAJOR)),
+    initial=int(AutosaveState.OK),
+)
 
 # ---------------------------------------------------------------- statistics
-RATE = PV("RATE", Kind.AI, "Processed frames per second", egu="Hz", prec=1, initial=0.0)
+# Health alarms a control room can put in its alarm handler. RATE: no spectra flowing (below
+# 1 Hz, also while stopped). The counters count since processing started (START clears them):
+# N_ERRORS MINOR from the first malformed frame or processing error, MAJOR when errors go on;
+# N_LOST MINOR once 1000 pulses are missing (a reduced repetition rate counts as gaps too).
+RATE = PV("RATE", Kind.AI, "Processed frames per second", egu="Hz", prec=1, low=0, high=200,
+          initial=0.0, alarms=(("LOW", 1.0, MINOR),), hyst=0.5)
 N_PROCESSED = PV("N_PROCESSED", Kind.INT64_IN, "Frames processed since start", initial=0)
-N_LOST = PV("N_LOST", Kind.INT64_IN, "Pulse-id gaps and frames skipped", initial=0)
+N_LOST = PV("N_LOST", Kind.INT64_IN, "Pulse-id gaps and frames skipped", initial=0,
+            alarms=(("HIGH", 1000, MINOR),))
 N_ERRORS = PV("N_ERRORS", Kind.INT64_IN, "Malformed input and processing errors",
-              initial=0)
+              initial=0, alarms=(("HIGH", 1, MINOR), ("HIHI", 1000, MAJOR)))
 N_OUT_DROPPED = PV("N_OUT_DROPPED", Kind.INT64_IN, "Output stream messages dropped",
                    initial=0)
 PROC_TIME = PV("PROC_TIME", Kind.AI, "Processing time of the last frame", egu="ms", prec=3,
-               initial=0.0)
+               low=0, high=100, initial=0.0)
 
 # The statistics (every 0.5 s), the same way: plain records in one chain, written in one step,
 # stamped with the time they are written (TSE 0).

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from psss_ioc.rest import DEFAULT_PORT, MAX_BODY_BYTES, PARAMETERS, UINT16_MAX
+from psss_ioc.parameters import MAX_EXTRA_KEYS, MAX_KEY_LENGTH, MAX_STRING_LENGTH
+from psss_ioc.rest import (
+    DEFAULT_PORT,
+    IDLE_TIMEOUT,
+    MAX_BODY_BYTES,
+    MAX_CONNECTIONS,
+    MAX_JSON_BYTES,
+    MAX_PARAMETERS_BYTES,
+    PARAMETERS,
+    UINT16_MAX,
+)
 
 _STATUS = {"type": "string", "enum": ["processing", "stopped"]}
 
@@ -27,11 +37,24 @@ _ERROR = {
 
 _PARAMETERS = {
     "type": "object",
-    "additionalProperties": False,
+    # keys the IOC does not know: kept, shown here and in processing_parameters (tags)
+    "additionalProperties": {
+        "oneOf": [{"type": "string", "maxLength": MAX_STRING_LENGTH}, {"type": "number"},
+                  {"type": "boolean"}],
+        "nullable": True,
+        "description": f"an extra key (name up to {MAX_KEY_LENGTH} characters; at most "
+                       f"{MAX_EXTRA_KEYS} are kept, autosaved): a number, true/false or a "
+                       f"string up to {MAX_STRING_LENGTH} characters; null removes the key",
+    },
     "properties": {
         "background": {"type": "string",
-                       "description": "background file in force (HDF5 /image or .npy); "
-                                      "'' = none. Setting it loads that file."},
+                       "description": "the background in force: the name it was uploaded "
+                                      "under, or the path of a file loaded by name; '' = none. "
+                                      "Setting a path loads that file; setting the value shown "
+                                      "changes nothing."},
+        "background_file": {"type": "string",
+                            "description": "the path of the background file in force ('' = "
+                                           "none); shown only (may be sent back unchanged)"},
         "roi": {"type": "array", "minItems": 2, "maxItems": 2,
                 "items": {"type": "integer", "minimum": 0},
                 "description": "[ymin, ymax): rows summed into the spectrum; [0, 0] = all rows"},
@@ -42,7 +65,7 @@ _PARAMETERS = {
                     "description": "least peak/noise ratio to fit"},
     },
 }
-assert set(_PARAMETERS["properties"]) == set(PARAMETERS)
+assert set(_PARAMETERS["properties"]) == {*PARAMETERS, "background_file"}
 
 _NULLABLE_NUMBER = {"type": "number", "nullable": True}
 _NULLABLE_STRING = {"type": "string", "nullable": True}
@@ -54,9 +77,11 @@ _STATISTICS = {
         "processing_start_time": {**_NULLABLE_STRING,
                                   "description": "local time processing started (legacy form)"},
         "last_sent_pulse_id": {"type": "integer", "nullable": True,
-                               "description": "pulse id of the last processed frame"},
+                               "description": "pulse id of the last message on the output "
+                                              "stream (without one: of the last frame "
+                                              "processed)"},
         "last_sent_time": {**_NULLABLE_STRING,
-                           "description": "local time of the last message on the output stream"},
+                           "description": "local time of that message (frame)"},
         "n_processed_images": {"type": "integer", "description": "frames processed since start"},
         "last_processing_duration_ms": {"type": "number"},
         "processing_start_timestamp": {**_NULLABLE_NUMBER, "description": "seconds since epoch"},
@@ -69,6 +94,10 @@ _STATISTICS = {
         "n_lost": {"type": "integer", "description": "pulse-id gaps and frames skipped"},
         "n_errors": {"type": "integer", "description": "malformed input and processing errors"},
         "n_out_dropped": {"type": "integer", "description": "output messages dropped"},
+        "n_out_subscriber_overflows": {
+            "type": "integer",
+            "description": "PUB: times a subscriber fell behind and lost messages that the "
+                           "others got (ZeroMQ does not say how many)"},
         "errors_by_kind": {"type": "object", "additionalProperties": {"type": "integer"}},
         "image_shape": {"type": "array", "items": {"type": "integer"}, "nullable": True},
         "message": {"type": "string", "description": "the IOC's last notice or error"},
@@ -82,9 +111,16 @@ _STATISTICS = {
 _ERRORS = {
     "400": "bad JSON, wrong shape or values, invalid setting (the previous one stays in force)",
     "401": "write request without the IOC's token (only when the IOC has one)",
-    "409": "cannot start (no input stream)",
-    "413": f"request body larger than {MAX_BODY_BYTES} bytes",
+    "403": "write request from a host the access security file does not let write",
+    "408": f"request body not sent in time (nothing for {IDLE_TIMEOUT:g} s)",
+    "409": "cannot start (no input stream); POST /parameters: the ROI was changed by another "
+           "write before the reply (the parameters in force are in the reply)",
+    "413": f"request body larger than {MAX_PARAMETERS_BYTES} bytes (POST /parameters), "
+           f"{MAX_JSON_BYTES} bytes (JSON background) or {MAX_BODY_BYTES} bytes (binary)",
+    "415": "a content type other than application/json (/background: or binary): browsers "
+           "send text/plain and forms cross-site without asking",
     "500": "internal error (a bug)",
+    "503": f"more than {MAX_CONNECTIONS} connections at once",
     "504": "the IOC did not finish the change in time",
 }
 
@@ -92,13 +128,13 @@ _ERRORS = {
 def _responses(ok: dict[str, Any], codes: tuple[str, ...] = ("400", "500")) -> dict[str, Any]:
     out: dict[str, Any] = {"200": {"description": "done",
                                    "content": {"application/json": {"schema": ok}}}}
-    for code in codes:
+    for code in (*codes, "503"):
         out[code] = {"description": _ERRORS[code],
                      "content": {"application/json": {"schema": _ERROR}}}
     return out
 
 
-_WRITE = ("400", "401", "413", "500", "504")
+_WRITE = ("400", "401", "403", "408", "413", "415", "500", "504")
 
 _BACKGROUND_JSON = {
     "type": "object",
@@ -122,16 +158,20 @@ OPENAPI: dict[str, Any] = {
         "description": (
             "Every reply is JSON with state ('ok' or 'error') and status ('processing' or "
             "'stopped'; on error the reason). Every change goes through the IOC's records, "
-            f"so it is validated as a Channel Access put. Bodies up to {MAX_BODY_BYTES} bytes. "
-            "With a REST token configured, POST requests need 'Authorization: Bearer <token>'."
+            "so it is validated as a Channel Access put. POST bodies are application/json (up "
+            f"to {MAX_JSON_BYTES} bytes) or, for a background, binary (up to {MAX_BODY_BYTES} "
+            "bytes). With a REST token configured, POST requests need 'Authorization: Bearer "
+            "<token>'."
         ),
     },
     "servers": [{"url": f"http://localhost:{DEFAULT_PORT}"}],
     "paths": {
         "/start": {"post": {"summary": "Start processing (harmless when running)",
-                            "responses": _responses(_ok(), ("401", "409", "500", "504"))}},
+                            "responses": _responses(_ok(), ("401", "403", "409", "415", "500",
+                                                            "504"))}},
         "/stop": {"post": {"summary": "Stop processing (harmless when stopped)",
-                           "responses": _responses(_ok(), ("401", "500", "504"))}},
+                           "responses": _responses(_ok(), ("401", "403", "415", "500",
+                                                           "504"))}},
         "/status": {"get": {"summary": "Processing status",
                             "responses": _responses(_ok(), ("500",))}},
         "/background": {"post": {
@@ -147,6 +187,7 @@ OPENAPI: dict[str, Any] = {
                 "application/json": {"schema": _BACKGROUND_JSON},
                 "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
                 "application/x-hdf5": {"schema": {"type": "string", "format": "binary"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             }},
             "responses": _responses(_ok(), _WRITE)}},
         "/parameters": {
@@ -157,7 +198,7 @@ OPENAPI: dict[str, Any] = {
                      "requestBody": {"required": True,
                                      "content": {"application/json": {"schema": _PARAMETERS}}},
                      "responses": _responses(_ok({"parameters": _PARAMETERS}, ("parameters",)),
-                                             _WRITE)},
+                                             (*_WRITE, "409"))},
         },
         "/statistics": {"get": {"summary": "Processing statistics",
                                 "responses": _responses(

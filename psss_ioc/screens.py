@@ -218,6 +218,7 @@ _LEFT_COLUMN = _stack(
         _r("Fit min. SNR", Item(pvs.FIT_MIN_SNR, Show.ENTRY, 140)),
         _r("Average shots", Item(pvs.AVG_N, Show.ENTRY, 140)),
         _r("Energy axis", Item(pvs.AXIS_STATUS, Show.READ, 290)),
+        _r("Autosave", Item(pvs.AUTOSAVE_STATUS, Show.READ, 290)),
     )),
 )
 

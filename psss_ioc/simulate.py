@@ -287,11 +287,13 @@ _ENDPOINT = re.compile(rb"on (tcp://\S+):(\d+)")
 
 
 class SimulatorProcess:
-    """``python -m psss_ioc.simulate ARGS`` on a free port of `host`; stop() or use `with`."""
+    """``python -m psss_ioc.simulate ARGS`` on `port` of `host` (0: a free one); stop() or use
+    `with`."""
 
     def __init__(self, args: Sequence[str], host: str = "127.0.0.1",
-                 ready_timeout: float = 60.0) -> None:
-        cmd = [sys.executable, "-m", "psss_ioc.simulate", "--host", host, "--port", "0", *args]
+                 ready_timeout: float = 60.0, port: int = 0) -> None:
+        cmd = [sys.executable, "-m", "psss_ioc.simulate", "--host", host, "--port", str(port),
+               *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
         try:
             line = self._read_line(ready_timeout)

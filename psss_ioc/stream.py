@@ -18,8 +18,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import bsread
@@ -28,7 +28,15 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from psss_ioc import bsread_wire as wire
-from psss_ioc.ioc_config import DEFAULT_OUTPUT_PORT, DEFAULT_PREFIX, image_channel_for
+from psss_ioc.ioc_config import (
+    DEFAULT_MAX_IMAGE_MB,
+    DEFAULT_OUTPUT_PORT,
+    DEFAULT_PREFIX,
+    DOCUMENT_NAMES,
+    OUTPUT_NAMES,
+    V18_NAMES,
+    image_channel_for,
+)
 from psss_ioc.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -42,11 +50,19 @@ for _handler in list(_mflow_log.handlers):
 
 DEFAULT_IMAGE_CHANNEL = image_channel_for(DEFAULT_PREFIX)
 
-# Output channels are named after the input image channel (CONTRACT.md, "Output stream").
+# Output channels as psss_processing's README names them: after the input image channel
+# (CONTRACT.md, "Output stream") ...
 SPECTRUM_SUFFIX = ".spectrum"
 CENTER_SUFFIX = ".center"
 FWHM_SUFFIX = ".fwhm"
 PARAMETERS_SUFFIX = ".processing_parameters"
+# ... and as psss_processing 1.8.0 sent them: after the PVs, under the prefix (downstream
+# consumers, e.g. the data store's channel configuration, use these).
+V18_SPECTRUM = "SPECTRUM_Y"
+V18_AXIS = "SPECTRUM_X"
+V18_CENTER = "SPECTRUM_CENTER"
+V18_FWHM = "SPECTRUM_FWHM"
+V18_PARAMETERS = "processing_parameters"
 
 SOURCE_MODES = ("PULL", "SUB")
 SENDER_MODES = ("PUSH", "PUB")
@@ -60,16 +76,19 @@ _NUMERIC_TYPES = frozenset(t for t in wire.TYPES if t not in ("string", "bool"))
 
 @dataclass(frozen=True)
 class OutputChannels:
-    """The channel names of the output stream for one input image channel."""
+    """The channel names of the output stream. `axis` (the energy axis per message) only in
+    1.8's naming."""
 
     image: str
     spectrum: str
     center: str
     fwhm: str
     parameters: str
+    axis: str | None = None
 
     @classmethod
     def for_image(cls, image_channel: str) -> OutputChannels:
+        """The README's names: ``<image channel>.spectrum``, ``.center``, ..."""
         return cls(
             image=image_channel,
             spectrum=image_channel + SPECTRUM_SUFFIX,
@@ -78,14 +97,148 @@ class OutputChannels:
             parameters=image_channel + PARAMETERS_SUFFIX,
         )
 
+    @classmethod
+    def for_v18(cls, prefix: str, image_channel: str) -> OutputChannels:
+        """psss_processing 1.8.0's names: ``<prefix>:SPECTRUM_Y``, ``SPECTRUM_X``, ...; the
+        image keeps its input channel's name."""
+        return cls(
+            image=image_channel,
+            spectrum=f"{prefix}:{V18_SPECTRUM}",
+            center=f"{prefix}:{V18_CENTER}",
+            fwhm=f"{prefix}:{V18_FWHM}",
+            parameters=f"{prefix}:{V18_PARAMETERS}",
+            axis=f"{prefix}:{V18_AXIS}",
+        )
 
-@dataclass(slots=True)
+    @classmethod
+    def named(cls, naming: str, prefix: str, image_channel: str) -> OutputChannels:
+        """The names of `naming` (`ioc_config.OUTPUT_NAMES`)."""
+        if naming == V18_NAMES:
+            return cls.for_v18(prefix, image_channel)
+        if naming == DOCUMENT_NAMES:
+            return cls.for_image(image_channel)
+        raise ValueError(f"output names {naming!r} are not one of {', '.join(OUTPUT_NAMES)}")
+
+
+class LazyImage:
+    """A compressed (``bitshuffle_lz4``) 2-D camera image decoded on request, in native byte
+    order: `rows(ymin, ymax)` decodes only the blocks that hold those rows (the pipeline asks
+    for the ROI rows), `full()` the whole image. Data that turns out corrupt when decoded is
+    reported once to `on_corrupt` (the source counts it as a corrupt message) and gives None.
+    """
+
+    __slots__ = ("_image", "_on_corrupt", "_reported", "spec")
+
+    def __init__(self, image: wire.Bslz4Image, spec: wire.ChannelSpec,
+                 on_corrupt: Callable[[wire.WireError], None] | None = None) -> None:
+        self._image = image
+        self.spec = spec  # the channel as received
+        self._on_corrupt = on_corrupt
+        self._reported = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._image.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._image.dtype
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def raw(self) -> Any:
+        """The value bytes as received."""
+        return self._image.raw
+
+    def rows(self, ymin: int, ymax: int) -> np.ndarray | None:
+        """The image, of its full shape, with rows [ymin, ymax) decoded (read no others), or
+        None when they do not decompress."""
+        try:
+            return self._image.rows(ymin, ymax)
+        except wire.WireError as e:
+            self._corrupt(e)
+            return None
+
+    def full(self) -> np.ndarray | None:
+        """The whole image, or None when it does not decompress."""
+        try:
+            return self._image.full()
+        except wire.WireError as e:
+            self._corrupt(e)
+            return None
+
+    def _corrupt(self, error: wire.WireError) -> None:
+        if not self._reported:
+            self._reported = True
+            if self._on_corrupt is not None:
+                self._on_corrupt(error)
+
+
 class Frame:
-    """One camera image. `image` is in native byte order and may be a read-only view."""
+    """One camera image. `image` is in native byte order and may be a read-only view.
 
-    pulse_id: int
-    timestamp: tuple[int, int]  # global timestamp (sec, ns)
-    image: np.ndarray
+    A compressed camera image comes as `lazy_image` (`LazyImage`), decoded on request: `image`
+    decodes all of it on first use (raises `bsread_wire.WireError` if it does not
+    decompress), while the pipeline asks `lazy_image` for the ROI rows only. `output_value`
+    gives the image as it came, to forward it without re-encoding.
+    """
+
+    __slots__ = ("_image", "lazy_image", "pulse_id", "timestamp")
+
+    def __init__(self, pulse_id: int, timestamp: tuple[int, int],
+                 image: np.ndarray | None = None, lazy_image: LazyImage | None = None) -> None:
+        if (image is None) == (lazy_image is None):
+            raise ValueError("a Frame has either an image or a lazy image")
+        self.pulse_id = pulse_id
+        self.timestamp = timestamp  # global timestamp (sec, ns)
+        self._image = image
+        self.lazy_image = lazy_image
+
+    @property
+    def image(self) -> np.ndarray:
+        if self._image is None:
+            assert self.lazy_image is not None
+            image = self.lazy_image.full()
+            if image is None:
+                raise wire.WireError(wire.CORRUPT, f"pulse {self.pulse_id}: the compressed "
+                                     "image does not decompress")
+            self._image = image
+        return self._image
+
+    @image.setter
+    def image(self, image: np.ndarray) -> None:
+        self._image, self.lazy_image = image, None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The image's shape, without decoding it."""
+        if self._image is None and self.lazy_image is not None:
+            return self.lazy_image.shape
+        return self.image.shape
+
+    def output_value(self, name: str) -> tuple[wire.ChannelSpec, Any]:
+        """The image as channel `name` of an output message: (spec, value for
+        `MessageWriter.encode_values`). A compressed image goes as it came, compression
+        declared, never decoded or encoded again."""
+        lazy = self.lazy_image
+        if lazy is not None:
+            return replace(lazy.spec, name=name), wire.Encoded(lazy.raw)
+        return wire.ChannelSpec.for_array(name, self.image), self.image
+
+    def __repr__(self) -> str:
+        return f"Frame(pulse_id={self.pulse_id}, timestamp={self.timestamp}, shape={self.shape})"
+
+
+def image_output_value(frame: Any, name: str) -> tuple[wire.ChannelSpec, Any]:
+    """(spec, value) of a frame's image as output channel `name`: as it came for a `Frame`
+    (see `Frame.output_value`), the array itself for any other frame-like object."""
+    output = getattr(frame, "output_value", None)
+    if output is not None:
+        return output(name)  # type: ignore[no-any-return]
+    return wire.ChannelSpec.for_array(name, frame.image), frame.image
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -182,6 +335,12 @@ class CameraSource:
     raise: they are skipped and counted in `counters` (see `SourceCounters`), with the latest
     reason in `counters.last_error` and a rate-limited log line. The image may be of any
     dimension, numeric dtype and shape: checking it against the settings is the caller's job.
+
+    An image that would decode to more than `max_image_bytes` is refused before anything is
+    decompressed (a decompression bomb: a few MB that inflate to a GB), counted as
+    ``too_large`` and reported as an unusable image. A 2-D ``bitshuffle_lz4`` image is only
+    checked here (its block layout) and decoded on request (`Frame.lazy_image`), on up to
+    `decode_threads` threads; corrupt blocks found then are counted as a corrupt message.
     """
 
     def __init__(
@@ -191,6 +350,8 @@ class CameraSource:
         image_channel: str = DEFAULT_IMAGE_CHANNEL,
         receive_timeout: float = 1.0,
         queue_size: int = 20,
+        max_image_bytes: int | None = DEFAULT_MAX_IMAGE_MB * 10**6,
+        decode_threads: int = 1,
     ) -> None:
         parse_address(address)
         self.address = address
@@ -198,6 +359,11 @@ class CameraSource:
         self.image_channel = image_channel
         self.receive_timeout = float(receive_timeout)
         self.queue_size = queue_size
+        self.max_image_bytes = max_image_bytes
+        # One by default: two halve the wait for a frame's blocks for ~3% more CPU, but at
+        # 100 Hz on the 2-core test machine, busy with camera, consumer and other work, they
+        # lost more frames without an ROI, not fewer (bench e2e, docs/performance.md).
+        self.decode_threads = max(1, int(decode_threads))
         self.counters = SourceCounters()
         self._reader = wire.MessageReader()
         self._source: bsread.Source | None = None
@@ -289,23 +455,56 @@ class CameraSource:
         raw = parts[2 + 2 * index]
         if len(raw) == 0:
             return self._skip(EMPTY_IMAGE, f"pulse {main.pulse_id}: empty image value")
+        image: np.ndarray | None = None
+        lazy: LazyImage | None = None
         try:
             if spec.type not in _NUMERIC_TYPES:
-                self.counters.bad_image_time = time.monotonic()
-                self.counters.bad_image = (f"channel {spec.name!r} has type {spec.type!r:.40}, "
-                                           "not a number type")
+                self._note_bad_image(f"channel {spec.name!r} has type {spec.type!r:.40}, "
+                                     "not a number type")
                 raise wire.WireError(wire.UNKNOWN_TYPE, f"image type {spec.type!r:.40}")
-            image = wire.decode_value(spec, raw)
+            if _decodes_lazily(spec):
+                lazy = self._lazy_image(spec, raw, main.pulse_id)
+            else:
+                decoded = wire.decode_value(spec, raw, self.max_image_bytes)
+                assert isinstance(decoded, np.ndarray)
+                image = decoded
         except wire.WireError as e:
+            if e.kind == wire.TOO_LARGE:
+                self._note_bad_image(f"channel {spec.name!r}: {e} (the IOC's --max-image-mb)")
             return self._skip(e.kind, f"pulse {main.pulse_id}: {e}")
-        assert isinstance(image, np.ndarray)
-        if not image.dtype.isnative:
+        if image is not None and not image.dtype.isnative:
             image = image.astype(image.dtype.newbyteorder("="))
         timestamp = (main.timestamp or wire.decode_timestamp(parts[3 + 2 * index], spec.encoding)
                      or (0, 0))
-        self._track_format(image)
+        if image is not None:
+            self._track_format(image.shape, image.dtype)
+        else:
+            assert lazy is not None
+            self._track_format(lazy.shape, lazy.dtype)
         self.counters.received += 1
-        return Frame(main.pulse_id, timestamp, image)
+        return Frame(main.pulse_id, timestamp, image, lazy)
+
+    def _lazy_image(self, spec: wire.ChannelSpec, raw: Any, pulse_id: int) -> LazyImage:
+        """A 2-D bitshuffle_lz4 image, its blocks located and checked, none decoded."""
+        assert spec.shape is not None
+        try:
+            blocks = wire.Bslz4Blocks(raw, spec.dtype, math.prod(spec.shape), self.max_image_bytes)
+        except wire.WireError as e:
+            raise wire.WireError(e.kind, f"channel {spec.name!r}: {e}") from None
+        image = wire.Bslz4Image(raw, blocks, (spec.shape[0], spec.shape[1]), self.decode_threads)
+        return LazyImage(image, spec, lambda e: self._corrupt_later(pulse_id, e))
+
+    def _corrupt_later(self, pulse_id: int, error: wire.WireError) -> None:
+        """A frame receive() returned whose compressed data does not decompress when decoded:
+        counted as the corrupt message it was, not as a good frame."""
+        self.counters.received -= 1
+        self._skip(error.kind, f"pulse {pulse_id}: channel {self.image_channel!r}: {error}")
+
+    def _note_bad_image(self, reason: str) -> None:
+        """A message whose image no frame can be made of, whatever it holds (the pipeline
+        shows the reason as state "Image not usable" while no good frame arrives)."""
+        self.counters.bad_image_time = time.monotonic()
+        self.counters.bad_image = reason
 
     def _note_missing_channel(self, header: wire.DataHeader) -> None:
         c = self.counters
@@ -329,8 +528,8 @@ class CameraSource:
             self.counters.lost_pulses += pulse_id - last - 1
         self.counters.last_pulse_id = pulse_id
 
-    def _track_format(self, image: np.ndarray) -> None:
-        fmt = (image.shape, image.dtype)
+    def _track_format(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        fmt = (shape, dtype)
         old, self._format = self._format, fmt
         if old is not None and old != fmt:
             self.counters.format_changes += 1
@@ -338,6 +537,16 @@ class CameraSource:
                 f"image format changed from {_describe(*old)} to {_describe(*fmt)}"
             )
             self._log("format", logging.WARNING, f"{self.address}: {self.counters.last_error}")
+
+
+def _decodes_lazily(spec: wire.ChannelSpec) -> bool:
+    """A 2-D bitshuffle_lz4 image of a type the kernels take as it is (native byte order,
+    not float16): decoded on request, a row range at a time."""
+    if spec.compression != wire.BSLZ4 or spec.shape is None or len(spec.shape) != 2:
+        return False
+    dtype = spec.dtype
+    return (0 not in spec.shape and dtype.isnative
+            and (dtype.kind in "iu" or dtype in (np.float32, np.float64)))
 
 
 def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
@@ -364,8 +573,15 @@ class SendStatus(enum.Enum):
 class BoundSocket:
     """A bound PUSH or PUB socket that sends whole messages without blocking.
 
-    PUB is an XPUB with ``XPUB_NODROP``: a full queue is reported instead of being silently
-    dropped, and the subscriptions it receives tell whether anyone is listening. PUSH cannot
+    PUB is an XPUB with ``XPUB_NODROP``: the subscriptions it receives tell whether anyone is
+    listening, and a full queue is reported (`SendStatus.FULL`) instead of being silently
+    dropped. But XPUB_NODROP refuses a message for every subscriber when one subscriber's queue
+    is full: one that stops reading stops the stream for all. With `drop_for_slow` (the
+    output stream's choice), such a message is sent once more without XPUB_NODROP, so ZeroMQ
+    drops it for the full queue only: a slow subscriber loses its own messages, never the
+    others'. ZeroMQ then sends that subscriber nothing until it has read half its queue and
+    does not say how many it missed: `overflows` counts the times a subscriber fell behind
+    (each time, it lost this message and the ones until it caught up). PUSH cannot
     tell "no consumer" from "queue full" (both are `SendStatus.FULL`) unless `track_peers`:
     then a socket monitor counts the connected peers and sending with none is
     `SendStatus.NO_CONSUMER`. `port` 0 binds a free port; `port` holds the actual one after
@@ -374,9 +590,10 @@ class BoundSocket:
 
     def __init__(
         self, port: int, mode: str = "PUSH", host: str = "*", queue_size: int = 10,
-        linger: float = 0.2, track_peers: bool = False,
+        linger: float = 0.2, track_peers: bool = False, drop_for_slow: bool = False,
     ) -> None:
         self.mode = _check_mode(mode, SENDER_MODES)
+        self.drop_for_slow = drop_for_slow
         self.host = host
         self.port = port
         self.queue_size = queue_size
@@ -387,6 +604,7 @@ class BoundSocket:
         self._topics: set[bytes] = set()
         self._monitor: zmq.Socket | None = None
         self._peers: set[int] = set()  # file descriptors of the connections (PUSH, tracked)
+        self.overflows = 0  # PUB, drop_for_slow: times a subscriber fell behind (the class)
 
     @property
     def is_open(self) -> bool:
@@ -474,7 +692,22 @@ class BoundSocket:
         try:
             self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
+            if self.mode == "PUB" and self.drop_for_slow:
+                return self._send_past_full_subscribers(parts)
             return SendStatus.FULL
+        return SendStatus.SENT
+
+    def _send_past_full_subscribers(self, parts: Sequence[Any]) -> SendStatus:
+        """PUB, a subscriber's queue full: the message to the others (see the class)."""
+        assert self._socket is not None
+        self._socket.setsockopt(zmq.XPUB_NODROP, 0)
+        try:
+            self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # pragma: no cover - a lossy XPUB does not refuse
+            return SendStatus.FULL
+        finally:
+            self._socket.setsockopt(zmq.XPUB_NODROP, 1)
+        self.overflows += 1
         return SendStatus.SENT
 
 
@@ -484,7 +717,9 @@ class SenderCounters:
     dropped: int = 0  # not queued: no consumer, queue full, or a value that cannot be encoded
     image_sent: int = 0  # separate image stream (image_port), if any
     image_dropped: int = 0
-    last_pulse_id: int | None = None
+    # PUB: times a subscriber fell behind and lost messages the others got (`BoundSocket`)
+    subscriber_overflows: int = 0
+    last_pulse_id: int | None = None  # of the last message sent (with last_sent_time)
     last_sent_time: float | None = None  # epoch seconds
     last_error: str = ""
 
@@ -530,14 +765,16 @@ class ConsumerState:
 class ResultSender:
     """The output bsread stream: one message per processed frame (binds; PUSH or PUB).
 
-    Channels (`OutputChannels`): the image (unless ``forward_image=False``), ``.spectrum``
-    (its own dtype: integer stays integer), ``.center`` and ``.fwhm`` (float64; missing values
-    when the fit failed or was not run), ``.processing_parameters`` (JSON string). The data
-    header changes only when a channel's type or shape does. `send()` never blocks.
+    Channels (`OutputChannels`, named as `output_names` says): the image (unless
+    ``forward_image=False``), the spectrum (its own dtype: integer stays integer), with 1.8's
+    names the energy axis (float64), centre and FWHM (float64; missing values when the fit
+    failed or was not run), the processing parameters (JSON string: `parameters`, or what
+    `parameters_view` makes of them). The data header changes only when a channel's type or
+    shape does. `send()` never blocks.
 
-    `result` is duck-typed: ``spectrum``, ``center``, ``fwhm`` and optionally ``fit_ok``.
-    With `image_port`, the image goes in its own stream on that port, as psss_processing
-    v1.8.0 did, instead of the results stream.
+    `result` is duck-typed: ``spectrum``, ``center``, ``fwhm``, optionally ``fit_ok`` and
+    ``axis``. With `image_port`, the image goes in its own stream on that port, as
+    psss_processing v1.8.0 did, instead of the results stream.
 
     No consumer connected (PUSH: no peer; PUB: no subscriber) is a state (`ConsumerState`):
     a line when it begins and one when it ends. Other drops (a consumer too slow: queue full;
@@ -553,13 +790,22 @@ class ResultSender:
         queue_size: int = 10,
         host: str = "*",
         image_port: int | None = None,
+        output_names: str = DOCUMENT_NAMES,
+        prefix: str | None = None,
     ) -> None:
-        self.names = OutputChannels.for_image(image_channel)
+        prefix = prefix if prefix is not None else image_channel.rsplit(":", 1)[0]
+        self.names = OutputChannels.named(output_names, prefix, image_channel)
         self.forward_image = forward_image
         self.counters = SenderCounters()
-        self._data = BoundSocket(port, mode, host, queue_size, track_peers=True)
+        # what processing_parameters shows, made from the pipeline's parameters (the IOC's
+        # legacy view: the uploaded background name, the clients' extra keys); None: as given
+        self.parameters_view: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        # PUB: a subscriber that does not keep up loses its own messages, not the others'
+        self._data = BoundSocket(port, mode, host, queue_size, track_peers=True,
+                                 drop_for_slow=True)
         self._image = (
-            BoundSocket(image_port, mode, host, queue_size, track_peers=True)
+            BoundSocket(image_port, mode, host, queue_size, track_peers=True,
+                        drop_for_slow=True)
             if forward_image and image_port is not None
             else None
         )
@@ -618,7 +864,16 @@ class ResultSender:
         self.counters.last_sent_time = time.time()
         if self._image is not None:
             self._send_image(frame)
+        self._count_overflows(frame.pulse_id)
         return True
+
+    def _count_overflows(self, pulse_id: int) -> None:
+        overflows = self._data.overflows + (self._image.overflows if self._image else 0)
+        if overflows != self.counters.subscriber_overflows:
+            self.counters.subscriber_overflows = overflows
+            self._log("overflow", logging.WARNING,
+                      f"output stream: pulse {pulse_id}: a subscriber does not keep up and "
+                      f"loses messages (the others get them); {overflows} times so far")
 
     def _dropped(self, counter: str, message: str, status: SendStatus | None = None,
                  consumer: ConsumerState | None = None) -> bool:
@@ -633,10 +888,9 @@ class ResultSender:
 
     def _send_image(self, frame: Frame) -> None:
         assert self._image is not None
-        spec = wire.ChannelSpec.for_array(self.names.image, frame.image)
+        spec, value = image_output_value(frame, self.names.image)  # as it came
         writer = self._writer("image", (spec,))
-        value = wire.encode_value(spec, frame.image)
-        parts = writer.encode(frame.pulse_id, frame.timestamp, [value])
+        parts = writer.encode(frame.pulse_id, frame.timestamp, writer.encode_values([value]))
         status = self._image.send(parts)
         if status is SendStatus.SENT:
             self._image_consumer.delivered()
@@ -644,6 +898,17 @@ class ResultSender:
         else:
             self._dropped("image_dropped", f"pulse {frame.pulse_id}: image {status.value}",
                           status, self._image_consumer)
+
+    def _parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        view = self.parameters_view
+        if view is None:
+            return parameters
+        try:
+            return view(parameters)
+        except Exception as e:  # a bug there must not cost the results: send them as given
+            self._log("parameters", logging.ERROR,
+                      f"output stream: processing_parameters as given: {e!r}")
+            return parameters
 
     def _writer(self, key: str, specs: tuple[wire.ChannelSpec, ...]) -> wire.MessageWriter:
         writer = self._writers.get(key)
@@ -663,19 +928,25 @@ class ResultSender:
         specs: list[wire.ChannelSpec] = []
         values: list[Any] = []
         if self.forward_image and self._image is None:
-            specs.append(wire.ChannelSpec.for_array(names.image, frame.image))
-            values.append(frame.image)
+            spec, value = image_output_value(frame, names.image)  # as it came
+            specs.append(spec)
+            values.append(value)
+        specs.append(self._spectrum_spec)
+        values.append(spectrum)
+        if names.axis is not None:  # 1.8: the energy axis (or column index) of the spectrum
+            width = self._spectrum_spec.shape[0] if self._spectrum_spec.shape else 1
+            axis = getattr(result, "axis", None) if spectrum is not None else None
+            specs.append(wire.ChannelSpec(names.axis, "float64", (width,)))
+            values.append(None if axis is None else np.asarray(axis, dtype=np.float64))
         specs += [
-            self._spectrum_spec,
             wire.ChannelSpec(names.center, "float64"),
             wire.ChannelSpec(names.fwhm, "float64"),
             wire.ChannelSpec(names.parameters, "string"),
         ]
         values += [
-            spectrum,
             _fit_value(result, "center"),
             _fit_value(result, "fwhm"),
-            json.dumps(parameters, default=str),
+            json.dumps(self._parameters(parameters), default=str),
         ]
         writer = self._writer("results", tuple(specs))
         return writer.encode(frame.pulse_id, frame.timestamp, writer.encode_values(values))

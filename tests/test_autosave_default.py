@@ -40,6 +40,15 @@ def _start(kind: str, prefix: str, rest_port: int, state: Path, log: Path) -> Io
                                "--auto_start"], env, log, pass_prefix=False, command=LEGACY)
 
 
+def _rest_up(client: PsssProcessingClient) -> bool:
+    """The REST API answers (it starts a moment after Channel Access)."""
+    try:
+        client.get_status()
+    except Exception:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("kind", ["run", "psss_processing"])
 def test_settings_changed_over_ca_and_rest_come_back_after_sigterm(
         kind: str, tmp_path: Path) -> None:
@@ -49,6 +58,7 @@ def test_settings_changed_over_ca_and_rest_come_back_after_sigterm(
     ioc = _start(kind, prefix, port, state, tmp_path / "ioc1.log")
     client = PsssProcessingClient(f"http://127.0.0.1:{port}/")
     try:
+        wait_until(lambda: _rest_up(client), 20, what="REST up")
         assert ioc.put(pvs.SPC_ROI_YMIN, 12).returncode == 0  # CA, in the legacy order
         assert ioc.put(pvs.SPC_ROI_YMAX, 30).returncode == 0
         assert ioc.put(pvs.FIT_MIN_SNR, 4.5).returncode == 0
@@ -67,6 +77,7 @@ def test_settings_changed_over_ca_and_rest_come_back_after_sigterm(
     ioc = _start(kind, prefix, port, state, tmp_path / "ioc2.log")
     client = PsssProcessingClient(f"http://127.0.0.1:{port}/")
     try:
+        wait_until(lambda: _rest_up(client), 20, what="REST up")
         wait_until(lambda: ioc.get(pvs.AVG_N) == "17", 20, what="restored AVG_N")
         assert (ioc.get(pvs.SPC_ROI_YMIN), ioc.get(pvs.SPC_ROI_YMAX)) == ("12", "30")
         assert (ioc.get(pvs.ROI_YMIN_RBV), ioc.get(pvs.ROI_YMAX_RBV)) == ("12", "30")

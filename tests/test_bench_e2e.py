@@ -13,15 +13,24 @@ from psss_ioc.bench import e2e
 
 @pytest.mark.parametrize("forward", ["--forward-image", "--no-forward-image"])
 def test_bench_e2e_reports_every_case(forward):
+    # the forwarding run also compares compressed frames with plain ones (issue 19)
+    compressed = ["--compression", "bitshuffle_lz4", "--roi", "10", "40"] \
+        if forward == "--forward-image" else []
     out = subprocess.run(
         [sys.executable, "-m", "psss_ioc.cli", "bench", "e2e", "--json", "--duration", "2",
          "--step-seconds", "1", "--height", "64", "--width", "128", "--rate", "50",
-         "--max-steps", "1", forward],
+         "--max-steps", "1", forward, *compressed],
         capture_output=True, text=True, timeout=240,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {row["case"]: row for row in map(json.loads, out.stdout.splitlines())}
-    assert set(rows) == {"rate_50hz", "ceiling", "max_lossless"}
+    assert set(rows) == {"rate_50hz", "ceiling", "max_lossless",
+                         *(["rate_50hz_bitshuffle_lz4"] if compressed else [])}
+    if compressed:
+        packed = rows["rate_50hz_bitshuffle_lz4"]
+        assert packed["rate_hz"] > 0 and packed["out_received"] > 0
+        assert packed["compressed_vs_plain"] == (packed["cpu_ms_per_frame"]
+                                                 / rows["rate_50hz"]["cpu_ms_per_frame"])
     steady = rows["rate_50hz"]
     for key in ("rate_hz", "lost", "cpu_ms_per_frame", "ratio", "out_received"):
         assert key in steady
@@ -39,7 +48,7 @@ def test_bench_e2e_reports_every_case(forward):
 
 
 def _fake_ioc_that_keeps(limit_hz: float, throughput_hz: float, calls: list[float]):
-    def run_window(ioc, rate, seconds, height, width):
+    def run_window(ioc, rate, seconds, height, width, compression=None):
         calls.append(rate)
         achieved = min(rate, throughput_hz)
         kept = rate <= limit_hz

@@ -58,3 +58,21 @@ def test_rss_curve_figures_tell_growth_after_warmup() -> None:
     assert figures["rss_end_mb"] == 152.0 and figures["rss_peak_mb"] == 152.0
     assert figures["rss_growth_mb"] == 52.0 and figures["rss_growth_after_warmup_mb"] == 2.0
     assert figures["rss_slope_mb_per_10k"] == 10.0 and figures["rss_slope_samples"] == 3
+
+
+def test_bench_soak_with_faults_loses_no_good_frame() -> None:
+    """`bench soak --faults` with tiny frames and a short fault period: every fault happens at
+    least once (CA burst, REST upload, camera restart with a malformed message), no good frame
+    is lost, and the malformed messages are counted by the IOC."""
+    out = subprocess.run(
+        [sys.executable, "-m", "psss_ioc.cli", "bench", "soak", "--json", "--faults",
+         "--fault-period", "5", "--frames", "1100", "--rate", "100", "--height", "64",
+         "--width", "128", "--sample-seconds", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = json.loads(out.stdout.splitlines()[-1])
+    assert row["sent"] == 1100 and row["lost"] == 0, row
+    assert row["camera_restarts"] == 2 and row["malformed_sent"] >= 1, row
+    assert row["ca_bursts"] >= 2 and row["rest_uploads"] >= 2 and row["rest_failures"] == 0
+    assert row["ioc_n_errors"] >= row["malformed_sent"]

@@ -74,7 +74,16 @@ def test_fields_say_what_the_table_says(
             assert "DRVH" not in fields and "DRVL" not in fields, pv.name
         if pv.nelm is not None:
             assert int(fields["NELM"]) == pv.nelm, pv.name
-        assert fields.get("ASG") == (pvs.SETTINGS_ASG if pv.writable else None), pv.name
+        # settings: their value from the listed hosts; everything else: no client writes
+        assert fields["ASG"] == (pvs.SETTINGS_ASG if pv.writable else pvs.RESULTS_ASG), pv.name
+        if pv.kind in (Kind.AI, Kind.AO):  # every analog record: units, precision, limits
+            assert fields["EGU"] and "PREC" in fields, pv.name
+            assert float(fields["LOPR"]) < float(fields["HOPR"]), pv.name
+        for limit, value, severity in pv.alarms:
+            assert float(fields[limit]) == value, pv.name
+            assert fields[pvs.ALARM_FIELDS[limit]] == severity, pv.name
+        if pv.kind == Kind.MBB_IN:
+            assert fields["UNSV"] == pvs.INVALID, pv.name
         assert ("autosaveFields" in info) == pv.autosave, pv.name
         if pv.timestamped:  # the frame's timestamp: set by the head, copied along the chain
             chain = pvs.chain_of(pv)
@@ -117,3 +126,21 @@ def test_frame_chain_links_every_result_record_once_in_order(
     for pv in stats:  # stamped when written: no TSE/TSEL tricks
         _, fields, _ = records[f"$(P):{pv.name}"]
         assert "DTYP" not in fields and "TSEL" not in fields and "TSE" not in fields, pv.name
+
+
+def test_health_records_alarm_and_the_file_says_it_needs_psss_ioc(
+    records: dict[str, tuple[str, dict[str, str], dict[str, str]]],
+) -> None:
+    """A control room can alarm on them; a plain softIoc cannot load the file (and it says so:
+    the Python device support exists only in a psss-ioc process)."""
+    def fields(pv: pvs.PV) -> dict[str, str]:
+        return records[f"$(P):{pv.name}"][1]
+
+    assert fields(pvs.RATE)["LSV"] == pvs.MINOR and float(fields(pvs.RATE)["LOW"]) > 0
+    assert fields(pvs.N_ERRORS)["HSV"] == pvs.MINOR and fields(pvs.N_ERRORS)["HHSV"] == pvs.MAJOR
+    assert fields(pvs.N_LOST)["HSV"] == pvs.MINOR
+    severities = {fields(pvs.STATUS).get(f"{s}SV") for s in ("ON", "TW", "TH", "FR", "FV")}
+    assert {pvs.MINOR, pvs.MAJOR} <= severities
+    text = DB_PATH.read_text(encoding="utf-8")
+    assert 'DTYP, "Python' in text
+    assert "NOT loadable by a plain softIoc" in text.split("record(", 1)[0]

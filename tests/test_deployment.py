@@ -25,6 +25,8 @@ from psss_ioc.commands import run_command
 TOP = Path(__file__).resolve().parent.parent
 BOOT = TOP / "iocBoot" / "iocpsss"
 UNIT = BOOT / "psss-ioc.service"
+TEMPLATE = BOOT / "psss-ioc@.service"  # one instance per camera, several on one host
+README = TOP / "README.md"
 ENV_EXAMPLE = BOOT / "psss-ioc.env.example"
 INSTALL_TOP = "/opt/psss-ioc"  # where the unit expects the repository
 BIN = Path(sys.executable).parent
@@ -84,19 +86,30 @@ def unit() -> dict[str, list[tuple[str, str]]]:
     return unit_entries(UNIT.read_text(encoding="utf-8"))
 
 
-def test_unit_loads_in_systemd(tmp_path: Path) -> None:
-    """systemd-analyze verify, on a copy pointing at this checkout and this interpreter."""
+def local_copy(unit: Path, directory: Path) -> Path:
+    """The unit pointing at this checkout, this interpreter and the example environment."""
+    text = unit.read_text(encoding="utf-8")
+    text = text.replace(f"{INSTALL_TOP}/.venv/bin/", f"{BIN}/").replace(INSTALL_TOP, str(TOP))
+    for env_file in ("/etc/psss-ioc/psss-ioc.env", "/etc/psss-ioc/%i.env"):
+        text = text.replace(env_file, str(ENV_EXAMPLE))
+    copy = directory / unit.name
+    copy.write_text(text, encoding="utf-8")
+    return copy
+
+
+@pytest.mark.parametrize("unit_file", [UNIT, TEMPLATE], ids=lambda p: p.name)
+def test_unit_loads_in_systemd(unit_file: Path, tmp_path: Path) -> None:
+    """systemd-analyze verify, on a copy pointing at this checkout and this interpreter (the
+    template as one of its instances)."""
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze (Debian package systemd) is needed for this test"
-    text = UNIT.read_text(encoding="utf-8")
-    text = text.replace(f"{INSTALL_TOP}/.venv/bin/", f"{BIN}/").replace(INSTALL_TOP, str(TOP))
-    text = text.replace("/etc/psss-ioc/psss-ioc.env", str(ENV_EXAMPLE))
-    copy = tmp_path / UNIT.name
-    copy.write_text(text, encoding="utf-8")
+    copy = local_copy(unit_file, tmp_path)
+    if "@" in copy.name:
+        copy = copy.with_name(copy.name.replace("@.", "@psss059."))
     out = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
                          timeout=60, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "psss-ioc.service" not in out.stderr, out.stderr  # no warning about our unit
+    assert "psss-ioc" not in out.stderr, out.stderr  # no warning about our unit
 
 
 def test_unit_runs_non_interactive_always_restarting_with_state_and_unbuffered_logs(
@@ -226,3 +239,87 @@ def test_env_example_values_suit_the_ioc() -> None:
     st_cmd = (BOOT / "st.cmd").read_text(encoding="utf-8")
     assert f'epicsEnvSet("EPICS_CA_MAX_ARRAY_BYTES", "{env["EPICS_CA_MAX_ARRAY_BYTES"]}")' \
         in st_cmd
+
+
+# ------------------------------------------------------------------------------ hardening
+SANDBOX = {
+    "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+    "PrivateDevices": "yes", "PrivateTmp": "yes", "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes",
+    "LockPersonality": "yes", "RestrictNamespaces": "yes", "RestrictSUIDSGID": "yes",
+    "CapabilityBoundingSet": "",
+}
+# Not the same in the template: what makes each instance its own.
+PER_INSTANCE = {"Description", "EnvironmentFile", "StateDirectory", "SyslogIdentifier"}
+
+
+@pytest.mark.parametrize("unit_file", [UNIT, TEMPLATE], ids=lambda p: p.name)
+def test_unit_is_sandboxed_as_a_dedicated_user(unit_file: Path) -> None:
+    service = unit_entries(unit_file.read_text(encoding="utf-8"))["Service"]
+    for key, value in SANDBOX.items():
+        assert only(service, key) == value, key
+    families = set(only(service, "RestrictAddressFamilies").split())
+    assert families == {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
+    # numba compiles the kernels into executable memory at run time
+    assert not values(service, "MemoryDenyWriteExecute")
+    assert only(service, "User") == "psss-ioc" and not values(service, "DynamicUser")
+    # ProtectSystem=strict: the state and cache directories are the only writable places
+    assert only(service, "StateDirectory").startswith("psss-ioc")
+    assert only(service, "CacheDirectory") == "psss-ioc"
+    assert "NUMBA_CACHE_DIR=/var/cache/psss-ioc/numba" in values(service, "Environment")
+    assert int(only(service, "LimitNOFILE")) >= 16384  # a socket per client and stream
+
+
+def test_template_is_the_unit_per_instance() -> None:
+    """psss-ioc@NAME.service: its own environment file, state directory and log name;
+    everything else exactly as psss-ioc.service."""
+    single = unit_entries(UNIT.read_text(encoding="utf-8"))
+    template = unit_entries(TEMPLATE.read_text(encoding="utf-8"))
+    for section in ("Unit", "Service", "Install"):
+        def common(entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
+            return [(k, v) for k, v in entries if k not in PER_INSTANCE]
+        assert common(template[section]) == common(single[section]), section
+    service = template["Service"]
+    assert only(service, "EnvironmentFile") == "/etc/psss-ioc/%i.env"
+    assert only(service, "StateDirectory") == "psss-ioc/%i"
+    assert "%i" in only(service, "SyslogIdentifier")
+
+
+def test_exposure_score(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`systemd-analyze security --offline`: printed, and 4 or lower (it was 8.7)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("no systemd-analyze here: the sandbox settings are checked above")
+    for unit_file in (UNIT, TEMPLATE):
+        out = subprocess.run([analyze, "security", "--offline=yes", "--no-pager",
+                              str(local_copy(unit_file, tmp_path))],
+                             capture_output=True, text=True, timeout=60, check=False)
+        found = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?) (\w+)",
+                          out.stdout)
+        if found is None and "offline" in out.stderr:
+            pytest.skip(f"systemd-analyze without --offline: {out.stderr.strip()}")
+        assert found, out.stdout + out.stderr
+        with capsys.disabled():
+            print(f"\n{unit_file.name}: systemd-analyze security exposure {found.group(1)} "
+                  f"{found.group(2)}")
+        assert float(found.group(1)) <= 4.0, out.stdout
+
+
+def readme_deployment() -> str:
+    text = README.read_text(encoding="utf-8")
+    return text[text.index("## Deployment"):text.index("## Troubleshooting")]
+
+
+def test_install_steps_runtime_only_and_environment_file_root_only() -> None:
+    """The venv of a production host has no test tools; the file with the REST token is
+    readable by root only (systemd reads it before dropping to the service user)."""
+    section = readme_deployment()
+    installs = re.findall(r"^\s*install .*psss-ioc\.env\.example.*$", section, re.M)
+    assert installs and all(" -m 600 " in line for line in installs), installs
+    pip = re.findall(r"pip install \S+", section)
+    assert pip == ["pip install ."], pip  # no `.[test]`
+    for unit_file in (UNIT, TEMPLATE):
+        comments = unit_file.read_text(encoding="utf-8")
+        assert "-m 600 iocBoot/iocpsss/psss-ioc.env.example" in comments, unit_file.name
+        assert "-m 644 iocBoot/iocpsss/psss-ioc.env.example" not in comments, unit_file.name
+    assert "PSSS_REST_TOKEN" in ENV_EXAMPLE.read_text(encoding="utf-8")

@@ -34,6 +34,13 @@ CONDA_NAMES = {
     "aiohttp": "aiohttp",
 }
 
+# Floors of the recipe that differ from pyproject.toml's, because the channels cannot meet
+# them: PSI's channel (which provides bitshuffle under strict priority) has 0.3.6 at most.
+CONDA_FLOORS = {"bitshuffle": ">=0.3.6"}
+# Run requirements on neither channel: built by the recipes beside the main one (their own
+# requirements that the channels lack too: epicscorelibs 7.0.10, pvxslibs, epicsdbbuilder).
+BUILT_BESIDE = ("softioc", "epicscorelibs", "pvxslibs", "epicsdbbuilder")
+
 # conda-build variables a recipe may use in {{ }} (the value only matters for parsing)
 BUILD_VARIABLES = {"PYTHON": "python"}
 
@@ -44,7 +51,10 @@ _LOOKUP = re.compile(r"""^(\w+)((?:\[\s*["'][^"']+["']\s*\])*)$""")
 
 
 def _evaluate(expr: str, names: dict[str, Any]) -> Any:
-    """The Jinja this recipe uses: load_file_data("file") and name["key"]["key"]..."""
+    """The Jinja this recipe uses: load_file_data("file"), name["key"]["key"]... and (the
+    recipes beside it) a string literal."""
+    if literal := re.fullmatch(r'"([^"]*)"', expr):
+        return literal.group(1)
     if load := _LOAD.match(expr):
         # conda-build reads the file from the source tree (source: path: .. = the repo top)
         return tomllib.loads((TOP / load.group(1)).read_text(encoding="utf-8"))
@@ -113,7 +123,8 @@ def test_entry_points_are_the_console_scripts(recipe: dict[str, Any]) -> None:
 def test_run_requirements_match_pyproject_dependencies(recipe: dict[str, Any]) -> None:
     dependencies = dict(split_requirement(d) for d in PYPROJECT["project"]["dependencies"])
     assert set(dependencies) == set(CONDA_NAMES), "update CONDA_NAMES and the recipe"
-    expected = {CONDA_NAMES[name]: version for name, version in dependencies.items()}
+    expected = {CONDA_NAMES[name]: CONDA_FLOORS.get(CONDA_NAMES[name], version)
+                for name, version in dependencies.items()}
     python = PYPROJECT["project"]["requires-python"]
     expected["python"] = python
     run = dict(split_requirement(r) for r in recipe["requirements"]["run"])
@@ -136,3 +147,48 @@ def test_renderer_refuses_jinja_it_does_not_know() -> None:
         render_recipe("version: {{ environ['GIT_DESCRIBE_TAG'] }}\n")
     with pytest.raises(ValueError, match="cannot render"):
         render_recipe("{% if linux %}\n")
+
+
+def sub_recipe(name: str) -> dict[str, Any]:
+    """A recipe beside the main one; compiler()/pin_compatible() and selectors as plain text."""
+    text = (RECIPE.parent / name / "meta.yaml").read_text(encoding="utf-8")
+    text = re.sub(r"\{\{\s*(compiler|pin_compatible)\('([\w-]+)'\)\s*\}\}", r"\1-\2", text)
+    sub: dict[str, Any] = yaml.safe_load(render_recipe(text))
+    sub["package"]["version"] = str(sub["package"]["version"])  # conda-build reads "1.5" so
+    return sub
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text))
+
+
+def test_packages_no_channel_has_are_built_by_recipes_beside(recipe: dict[str, Any]) -> None:
+    """softioc and what it needs, from PyPI sources pinned by hash; versions that meet the
+    floors the other recipes ask for."""
+    built = {name: sub_recipe(name) for name in BUILT_BESIDE}
+    for name, sub in built.items():
+        assert sub["package"]["name"] == name
+        source = sub["source"]
+        assert source["url"].startswith("https://pypi.org/packages/source/"), name
+        assert source["url"].endswith(f"{name}-{sub['package']['version']}.tar.gz"), name
+        assert re.fullmatch(r"[0-9a-f]{64}", source["sha256"]), name
+        assert "--no-deps" in sub["build"]["script"], name
+        assert name in sub["test"]["imports"][0], name
+    run = dict(split_requirement(r) for r in recipe["requirements"]["run"])
+    floor = run["softioc"].removeprefix(">=")
+    assert _version(built["softioc"]["package"]["version"]) >= _version(floor)
+    # every run requirement between them is met by the version built beside
+    for name, sub in built.items():
+        for requirement in sub["requirements"]["run"]:
+            dep, spec = split_requirement(requirement)
+            if dep not in built:
+                continue
+            have = _version(built[dep]["package"]["version"])
+            for clause in filter(None, spec.split(",")):
+                op, bound = re.match(r"(>=|<|==|)(.*)", clause).groups()  # type: ignore[union-attr]
+                if op == ">=":
+                    assert have >= _version(bound), (name, requirement)
+                elif op == "<":
+                    assert have < _version(bound), (name, requirement)
+                else:
+                    assert have == _version(bound), (name, requirement)

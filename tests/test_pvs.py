@@ -53,3 +53,17 @@ def test_markdown_table_lists_every_pv() -> None:
     text = pvs.markdown_table()
     for pv in pvs.TABLE:
         assert f"`<prefix>:{pv.name}`" in text
+
+
+def test_analog_records_have_units_precision_and_display_limits() -> None:
+    for pv in pvs.TABLE:
+        if pv.kind in (pvs.Kind.AI, pvs.Kind.AO):
+            assert pv.egu and pv.prec is not None, pv.name
+            assert pv.low is not None and pv.high is not None and pv.low < pv.high, pv.name
+
+
+def test_access_groups_by_kind() -> None:
+    """Settings in SETTINGS (their value from the listed hosts), all else in RESULTS."""
+    for pv in pvs.TABLE:
+        assert pv.asg == (pvs.SETTINGS_ASG if pv.writable else pvs.RESULTS_ASG), pv.name
+    assert len({pvs.SETTINGS_ASG, pvs.RESULTS_ASG, pvs.LOCKED_ASG, "DEFAULT"}) == 4

@@ -91,7 +91,8 @@ GUIDE_CLIENTS = (  # in README order
 REST_CLIENTS = (
     "curl -s http://127.0.0.1:12000/status",
     "curl -s http://127.0.0.1:12000/parameters",
-    'curl -s -X POST -H "Authorization: Bearer $PSSS_REST_TOKEN" -d \'{"roi": [100, 200]}\' '
+    'curl -s -X POST -H "Authorization: Bearer $PSSS_REST_TOKEN" '
+    '-H "Content-Type: application/json" -d \'{"roi": [100, 200]}\' '
     "http://127.0.0.1:12000/parameters",
 )
 SMALL_CORE = "--size 200x256 --frames 2 --rounds 1 --baseline-every 1"
@@ -127,12 +128,26 @@ NOT_RUN: dict[str, str] = {
         "(tests/test_deployment.py checks the unit runs exactly this command)",
     "install -m 644 iocBoot/iocpsss/psss-ioc.service /etc/systemd/system/":
         "root on the IOC host (tests/test_deployment.py verifies the unit with systemd-analyze)",
-    "install -D -m 644 iocBoot/iocpsss/psss-ioc.env.example /etc/psss-ioc/psss-ioc.env":
+    "install -D -m 600 iocBoot/iocpsss/psss-ioc.env.example /etc/psss-ioc/psss-ioc.env":
         "root on the IOC host (tests/test_deployment.py checks every variable it sets)",
-    "useradd --system --no-create-home psss-ioc": "root on the IOC host",
+    "useradd --system --no-create-home --shell /usr/sbin/nologin psss-ioc": "root on the IOC host",
+    "python3 -m venv .venv && .venv/bin/pip install .":
+        "production install in the checkout at /opt/psss-ioc (minutes); `make test` builds the "
+        "same venv plus the test extras, and tests/test_deployment.py checks the README installs "
+        "the runtime dependencies only",
+    "install -m 644 iocBoot/iocpsss/psss-ioc@.service /etc/systemd/system/":
+        "root on the IOC host (tests/test_deployment.py verifies the template with "
+        "systemd-analyze)",
+    "install -D -m 600 iocBoot/iocpsss/psss-ioc.env.example /etc/psss-ioc/psss060.env":
+        "root on the IOC host",
+    "systemctl daemon-reload && systemctl enable --now psss-ioc@psss060":
+        "root and systemd as PID 1",
     "systemctl daemon-reload && systemctl enable --now psss-ioc": "root and systemd as PID 1",
     "journalctl -u psss-ioc -f": "follows the journal of the installed service forever",
-    "conda build -c paulscherrerinstitute -c conda-forge conda-recipe":
+    "conda build -c conda-forge conda-recipe/epicsdbbuilder conda-recipe/epicscorelibs "
+    "conda-recipe/pvxslibs conda-recipe/softioc":
+        "needs conda-build and conda-forge (tests/test_packaging.py checks the recipes)",
+    "conda build -c local -c paulscherrerinstitute -c conda-forge conda-recipe":
         "needs conda-build and the PSI channel (tests/test_packaging.py checks the recipe "
         "against pyproject.toml)",
     "psss-ioc bench e2e": "~20 s even with tiny frames, over this module's budget; "

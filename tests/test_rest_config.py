@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from psss_ioc import commands, ioc, rest
+from psss_ioc import commands, ioc, parameters, rest
 from psss_ioc.ioc_config import IocConfig
 
 
@@ -61,6 +61,44 @@ def test_legacy_command_line_serves_rest_where_it_did(captured: list[Any]) -> No
     assert captured[-1][0].rest == ("0.0.0.0", 12001)
 
 
+def test_legacy_command_line_sends_the_v18_names_and_layout(captured: list[Any]) -> None:
+    """psss_processing replaces 1.8.0: its names, the image on its own stream on 8890."""
+    for args, names, image_port in (
+            ([], "v1.8", 8890),
+            (["--image_output_stream_port", "9001"], "v1.8", 9001),
+            (["--output_names", "document"], "document", None)):
+        result = CliRunner().invoke(commands.legacy_main, ["tcp://cam:9000", *args],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        config = captured[-1][0]
+        assert (config.output_names, config.image_output_port) == (names, image_port), args
+
+
+def test_run_output_names(captured: list[Any]) -> None:
+    _run([])
+    assert (captured[-1][0].output_names, captured[-1][0].image_output_port) == ("document",
+                                                                                None)
+    _run(["--output-names", "v1.8"])
+    config, explicit = captured[-1]
+    assert (config.output_names, config.image_output_port) == ("v1.8", 8890)
+    assert "output_names" in explicit
+    _run(["--output-names", "v1.8", "--image-output-port", "9002"])
+    assert captured[-1][0].image_output_port == 9002
+
+
+def test_boot_script_sets_the_output_names() -> None:
+    config = IocConfig()
+    ioc.apply_boot_environment(config, {"PSSS_OUTPUT_NAMES": "v1.8"}, set())
+    assert config.output_names == "v1.8"
+    config = IocConfig()  # the command line wins
+    ioc.apply_boot_environment(config, {"PSSS_OUTPUT_NAMES": "v1.8"}, {"output_names"})
+    assert config.output_names == "document"
+    with pytest.raises(ValueError, match="PSSS_OUTPUT_NAMES"):
+        ioc.apply_boot_environment(IocConfig(), {"PSSS_OUTPUT_NAMES": "1.8"}, set())
+    st_cmd = (Path(__file__).parent.parent / "iocBoot" / "iocpsss" / "st.cmd").read_text()
+    assert 'epicsEnvSet("PSSS_OUTPUT_NAMES", "v1.8")' in st_cmd
+
+
 @pytest.mark.parametrize(("env", "explicit", "before", "after"), [
     ({}, set(), ("127.0.0.1", 12000), ("127.0.0.1", 12000)),
     ({"PSSS_REST_HOST": "0.0.0.0", "PSSS_REST_PORT": "12002"}, set(),
@@ -108,6 +146,38 @@ def test_stored_names_are_new_and_safe(tmp_path: Path) -> None:
     assert first.name.startswith("dark_frame_") and first.suffix == ".h5"
     assert not list(tmp_path.glob("*.part"))
     assert rest.write_background(tmp_path, "", image).name.startswith("background_")
+    # the name it was uploaded under stays with the file
+    assert parameters.uploaded_name(str(first)) == "../../etc/dark frame.h5"
+    assert parameters.uploaded_name(str(tmp_path / "none.h5")) is None
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"tag": [1]}, "a number, a string, true/false or null"),
+    ({"tag": {"a": 1}}, "a number, a string, true/false or null"),
+    ({"tag": float("nan")}, "not a number"),
+    ({"tag": "x" * 257}, "256 characters"),
+    ({"x" * 65: 1}, "64 characters"),
+    ({"": 1}, "non-empty"),
+    ({"roi": "x"}, "a setting"),
+    ({f"k{i}": i for i in range(33)}, "at most 32"),
+])
+def test_extra_parameters_refused(changes: dict[str, Any], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parameters.merged_extra({}, changes)
+
+
+def test_extra_parameters_kept_changed_removed() -> None:
+    extra = parameters.merged_extra({}, {"tag": "a\x00b", "n": 3, "ok": False, "x": 1.5})
+    text = parameters.dump_extra(extra)
+    assert "\x00" not in text and parameters.parse_extra(text) == extra
+    extra = parameters.merged_extra(extra, {"n": None, "tag": "c"})
+    assert extra == {"tag": "c", "ok": False, "x": 1.5}
+    full = parameters.merged_extra({}, {f"k{i}": i for i in range(32)})
+    assert len(parameters.merged_extra(full, {"k0": None, "new": 1})) == 32
+    assert parameters.parse_extra("") == {}
+    for bad in ("[1]", "{", '{"roi": 1}'):
+        with pytest.raises(ValueError):
+            parameters.parse_extra(bad)
 
 
 @pytest.mark.parametrize(("data", "shape"), [

@@ -65,7 +65,8 @@ def _frame(seed: int) -> np.ndarray:
 
 
 def _stored(address: str) -> Path:
-    return Path(requests.get(address + "parameters", timeout=10).json()["parameters"]["background"])
+    parameters = requests.get(address + "parameters", timeout=10).json()["parameters"]
+    return Path(parameters["background_file"])  # "background": the name uploaded under
 
 
 def _caget_string(name: str) -> str:

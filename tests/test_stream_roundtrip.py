@@ -311,9 +311,10 @@ def test_send_on_a_closed_sender_is_a_counted_drop() -> None:
     assert sender.counters.dropped == 1 and "not open" in sender.counters.last_error
 
 
-@pytest.mark.parametrize("mode", ["PUSH", "PUB"])
+@pytest.mark.parametrize("mode", ["PUSH"])
 def test_full_queue_drops_instead_of_blocking(mode: str) -> None:
-    """A consumer that does not read: the sender queues a few messages, then drops."""
+    """A consumer that does not read: the sender queues a few messages, then drops (PUB: see
+    test_a_subscriber_that_stops_reading_loses_only_its_own_messages)."""
     image = np.zeros((512, 1024), np.uint16)  # 1 MB: socket buffers fill after a few
     sender = ResultSender(port=0, mode=mode, image_channel=CHANNEL, host="127.0.0.1",
                           queue_size=1)
@@ -339,6 +340,83 @@ def test_full_queue_drops_instead_of_blocking(mode: str) -> None:
     assert any(outcomes) and not outcomes[-1]
     assert sender.counters.sent == sum(outcomes)
     assert sender.counters.dropped == len(outcomes) - sum(outcomes)
+
+
+def test_a_subscriber_that_stops_reading_loses_only_its_own_messages() -> None:
+    """PUB, one SUB that never reads and one that does, real sockets: the reader gets every
+    message; the other's overflow is counted (issue "Robust against hostile input" 4: with
+    XPUB_NODROP alone, the reader got 10 of 400)."""
+    image = np.zeros((512, 1024), np.uint16)  # 1 MB: the stalled queues fill after a few
+    context = zmq.Context()
+    stalled = context.socket(zmq.SUB)
+    healthy = context.socket(zmq.SUB)
+    for sock in (stalled, healthy):
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    for sock in (stalled, healthy):
+        sock.setsockopt(zmq.RCVTIMEO, 200)
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    sender = ResultSender(port=0, mode="PUB", image_channel=CHANNEL, host="127.0.0.1")
+    try:
+        with sender:
+            stalled.connect(f"tcp://127.0.0.1:{sender.port}")
+            prime(lambda p: sender.send(Frame(p, (0, 0), image), None, {}),
+                  lambda: recv_or_none(stalled))
+            healthy.connect(f"tcp://127.0.0.1:{sender.port}")
+            prime(lambda p: sender.send(Frame(p, (0, 0), image), None, {}),
+                  lambda: recv_or_none(healthy))
+            received, dropped = 0, sender.counters.dropped
+            for i in range(100):
+                assert sender.send(Frame(FIRST + i, (0, 0), image), None, {})
+                while (parts := recv_or_none(healthy)) is not None:
+                    received += json.loads(parts[0])["pulse_id"] >= FIRST
+                    healthy.setsockopt(zmq.RCVTIMEO, 0)
+                healthy.setsockopt(zmq.RCVTIMEO, 200)
+            while (parts := recv_or_none(healthy)) is not None:
+                received += json.loads(parts[0])["pulse_id"] >= FIRST
+    finally:
+        stalled.close(0)
+        healthy.close(0)
+        context.term()
+    assert received == 100
+    assert sender.counters.subscriber_overflows >= 1
+    assert sender.counters.dropped == dropped
+
+
+def test_v18_names_with_the_energy_axis_to_bsread_source() -> None:
+    """psss_processing 1.8's names: <prefix>:SPECTRUM_Y, SPECTRUM_X (the result's axis),
+    SPECTRUM_CENTER, SPECTRUM_FWHM, processing_parameters; the image on its own port."""
+    image = images(np.uint16, 1)[0]
+    axis = np.linspace(9000.0, 9060.0, 7)
+    result = SimpleNamespace(spectrum=SPECTRUM, center=9010.0, fwhm=4.5, axis=axis)
+    sender = ResultSender(port=0, image_channel=CHANNEL, host="127.0.0.1", image_port=0,
+                          output_names="v1.8", prefix="TEST-CAM")
+    sender.parameters_view = lambda p: {**p, "tag": "x"}
+    with (sender,
+          bsread.Source(host="127.0.0.1", port=sender.port, mode=bsread.PULL,
+                        receive_timeout=200) as source,
+          raw_pull(f"tcp://127.0.0.1:{sender.image_port}") as pictures):
+        for receive in (source.receive, lambda: recv_or_none(pictures)):  # both connected
+            prime(lambda p: sender.send(Frame(p, (0, 0), image), result, PARAMETERS), receive)
+        assert sender.send(Frame(FIRST, (0, 0), image), result, PARAMETERS)
+        message = None
+        while message is None or message.data.pulse_id < FIRST:
+            message = source.receive()
+        [picture] = recv_messages(pictures, 1)
+
+    data = message.data.data
+    assert list(data) == ["TEST-CAM:SPECTRUM_Y", "TEST-CAM:SPECTRUM_X", "TEST-CAM:SPECTRUM_CENTER",
+                          "TEST-CAM:SPECTRUM_FWHM", "TEST-CAM:processing_parameters"]
+    np.testing.assert_array_equal(data["TEST-CAM:SPECTRUM_Y"].value, SPECTRUM)
+    np.testing.assert_array_equal(data["TEST-CAM:SPECTRUM_X"].value, axis)
+    assert data["TEST-CAM:SPECTRUM_CENTER"].value == 9010.0
+    assert json.loads(data["TEST-CAM:processing_parameters"].value) == {**PARAMETERS, "tag": "x"}
+    assert [c["name"] for c in json.loads(picture[1])["channels"]] == [CHANNEL]
+
+
+def test_output_names_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"v1\.8, document"):
+        ResultSender(port=0, image_channel=CHANNEL, output_names="v2")
 
 
 def test_pub_notices_when_the_subscriber_leaves() -> None:

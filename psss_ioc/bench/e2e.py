@@ -19,7 +19,14 @@ Cases, measured in one run:
 - ``max_lossless``: the highest rate tried at which the IOC kept up with no loss, as a ratio to
   the ceiling. Rates are tried from 95% of the ceiling downwards in steps, then the gap to the
   lowest rate not kept is halved with the steps left; the IOC stays up and is pointed at each
-  new camera through its INPUT_STREAM record, as an operator would.
+  new camera through its INPUT_STREAM record, as an operator would. ``--max-steps 0`` leaves
+  this search (and the ceiling) out.
+- ``rate_100hz_bitshuffle_lz4`` (with ``--compression bitshuffle_lz4``): the same steady run,
+  the same IOC and settings, the camera sending bitshuffle_lz4 frames; ``compressed_vs_plain``
+  is its CPU per frame over the uncompressed run's, its floor a relay of the compressed frames.
+
+The IOC subtracts the camera's dark frame (``--no-background``: none) and sums the rows of
+``--roi`` (default: the whole image), as set through its records.
 """
 
 from __future__ import annotations
@@ -41,10 +48,12 @@ import zmq
 
 from psss_ioc import pvs
 from psss_ioc.bench.report import emit
+from psss_ioc.bsread_wire import BSLZ4
 from psss_ioc.commands import free_port, ioc_command, loopback_epics_env, stop_process
-from psss_ioc.simulate import SimulatorProcess
+from psss_ioc.simulate import SimConfig, SimulatedCamera, SimulatorProcess
 
 PREFIX = "BENCH-PSSS"
+SEED = 0  # the simulated camera's (its dark frame is written with the same)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -88,10 +97,19 @@ class StreamCounter:
         self._context.term()
 
 
-def _simulator_args(rate: float, height: int, width: int, drop: bool) -> list[str]:
+def _simulator_args(rate: float, height: int, width: int, drop: bool,
+                    compression: str | None = None) -> list[str]:
     args = ["--rate", str(rate), "--height", str(height), "--width", str(width),
-            "--prefix", PREFIX, "--pool", "16"]
+            "--prefix", PREFIX, "--pool", "16", "--seed", str(SEED)]
+    if compression:
+        args += ["--compression", compression]
     return [*args, "--drop-when-full"] if drop else args
+
+
+def write_background(path: Path, height: int, width: int) -> Path:
+    """The simulated camera's dark frame (the same seed as its frames)."""
+    return SimulatedCamera(SimConfig(height=height, width=width, pool=1,
+                                     seed=SEED)).write_background(path)
 
 
 def measure_ceiling(height: int, width: int, seconds: float) -> float:
@@ -128,9 +146,10 @@ def _relay_cpu_times(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
 
 
 def measure_transport_floor(rate: float, height: int, width: int, seconds: float,
-                            forward: bool = True) -> tuple[float, float]:
+                            forward: bool = True,
+                            compression: str | None = None) -> tuple[float, float]:
     """(all, user) CPU ms per frame of a bare relay (receive + forward; `bench/relay.py`)."""
-    with SimulatorProcess(_simulator_args(rate, height, width, drop=True)) as camera:
+    with SimulatorProcess(_simulator_args(rate, height, width, True, compression)) as camera:
         args = [camera.address, *([] if forward else ["--receive-only"])]
         proc = subprocess.Popen([sys.executable, "-m", "psss_ioc.bench.relay", *args],
                                 stdout=subprocess.PIPE, stdin=subprocess.PIPE)
@@ -171,20 +190,25 @@ class Sample:
 class RunningIoc:
     """The IOC subprocess plus this process's CA channels to its statistics records."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], forward_image: bool = True) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], forward_image: bool = True,
+                 rest_port: int = 0) -> None:
+        self.workdir = workdir
         import epics  # this process is a plain CA client of the IOC subprocess
 
         self.output_port = free_port()
         self._log = open(workdir / "ioc.log", "ab")  # noqa: SIM115 (closed in close)
         # The IOC starts on a camera address nobody serves; each run points it at its camera.
         args = ioc_command("tcp://127.0.0.1:1", PREFIX, "--output-port", str(self.output_port),
-                           "--autosave-dir", str(workdir / "autosave"), "--no-rest",
+                           "--autosave-dir", str(workdir / "autosave"),
+                           "--background-path", str(workdir),
+                           *(["--rest-port", str(rest_port)] if rest_port else ["--no-rest"]),
                            *([] if forward_image else ["--no-forward-image"]))
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         self._pv = {pv.name: epics.PV(pvs.full_name(PREFIX, pv))
                     for pv in (pvs.N_PROCESSED, pvs.N_LOST, pvs.N_ERRORS, pvs.N_OUT_DROPPED,
-                               pvs.INPUT_STREAM, pvs.START, pvs.STOP)}
+                               pvs.INPUT_STREAM, pvs.START, pvs.STOP, pvs.BACKGROUND_FILE,
+                               pvs.BACKGROUND_STATUS, pvs.SPC_ROI_YMIN, pvs.SPC_ROI_YMAX)}
         if not all(pv.wait_for_connection(timeout=60) for pv in self._pv.values()):
             self.close()
             raise click.ClickException(f"the IOC did not come up; log in {workdir}")
@@ -202,6 +226,19 @@ class RunningIoc:
                       self.value(pvs.N_ERRORS), self.value(pvs.N_OUT_DROPPED),
                       self.counter.count, user + system, user)
 
+    def configure(self, background: Path | None, roi: tuple[int, int] | None) -> None:
+        """Background file (None: none) and ROI rows (None: the whole image), as an operator
+        sets them."""
+        self._pv[pvs.BACKGROUND_FILE.name].put(str(background or ""), wait=True, timeout=30)
+        status = self._pv[pvs.BACKGROUND_STATUS.name].get(as_string=True, timeout=5,
+                                                           use_monitor=False)
+        if background is not None and status != "Loaded":
+            raise click.ClickException(f"background {background} not loaded: {status}")
+        ymin, ymax = roi or (0, 0)
+        self._pv[pvs.SPC_ROI_YMIN.name].put(0, wait=True, timeout=30)  # any pair order works
+        self._pv[pvs.SPC_ROI_YMAX.name].put(ymax, wait=True, timeout=30)
+        self._pv[pvs.SPC_ROI_YMIN.name].put(ymin, wait=True, timeout=30)
+
     def follow(self, address: str) -> None:
         self._pv[pvs.STOP.name].put(1, wait=True, timeout=30)
         self._pv[pvs.INPUT_STREAM.name].put(address, wait=True, timeout=30)
@@ -215,9 +252,9 @@ class RunningIoc:
 
 
 def run_window(ioc: RunningIoc, rate: float, seconds: float, height: int, width: int,
-               warmup: float = 3.0) -> dict[str, Any]:
+               warmup: float = 3.0, compression: str | None = None) -> dict[str, Any]:
     """Point the IOC at a camera running at `rate` and measure a steady window."""
-    with SimulatorProcess(_simulator_args(rate, height, width, drop=True)) as camera:
+    with SimulatorProcess(_simulator_args(rate, height, width, True, compression)) as camera:
         ioc.follow(camera.address)
         deadline = time.monotonic() + 30
         while ioc.value(pvs.N_PROCESSED) == 0 or time.monotonic() < deadline - 30 + warmup:
@@ -249,12 +286,12 @@ def run_window(ioc: RunningIoc, rate: float, seconds: float, height: int, width:
 
 
 @contextmanager
-def running_ioc(forward_image: bool = True) -> Iterator[RunningIoc]:
+def running_ioc(forward_image: bool = True, rest_port: int = 0) -> Iterator[RunningIoc]:
     ca_port, pva_port = free_port(pair=True), free_port(pair=True)
     env = loopback_epics_env(ca_port, pva_port)
     os.environ.update(env)  # for pyepics in this process, before its CA context starts
     with tempfile.TemporaryDirectory(prefix="psss-bench-e2e-") as tmp:
-        ioc = RunningIoc(Path(tmp), {**os.environ, **env}, forward_image)
+        ioc = RunningIoc(Path(tmp), {**os.environ, **env}, forward_image, rest_port)
         try:
             yield ioc
         finally:
@@ -315,23 +352,58 @@ def _highest_lossless_rate(ioc: RunningIoc, ceiling: float, max_steps: int, heig
               help="Most rates tried in the search for the lossless maximum.")
 @click.option("--forward-image/--no-forward-image", default=True, show_default=True,
               help="IOC forwards the image in its output stream (the legacy contract).")
+@click.option("--compression", type=click.Choice(["none", BSLZ4]), default="none",
+              show_default=True,
+              help="Also run the steady case with the camera sending frames compressed so, "
+                   "and compare its CPU per frame with the uncompressed run's.")
+@click.option("--background/--no-background", default=True, show_default=True,
+              help="The IOC subtracts the camera's dark frame.")
+@click.option("--roi", type=(int, int), default=None, metavar="YMIN YMAX",
+              help="ROI rows the IOC sums [default: the whole image].")
 def e2e(as_json: bool, duration: float, step_seconds: float, height: int, width: int,
-        rate: float, max_steps: int, forward_image: bool) -> None:
+        rate: float, max_steps: int, forward_image: bool, compression: str, background: bool,
+        roi: tuple[int, int] | None) -> None:
     """End to end: simulated camera -> IOC -> output consumer; loss, CPU, max lossless rate."""
-    if min(duration, step_seconds, rate) <= 0 or height < 8 or width < 8 or max_steps < 1:
-        raise click.BadParameter("durations, rate, steps must be > 0, frames at least 8 x 8")
-    ceiling_before = measure_ceiling(height, width, step_seconds)
+    if min(duration, step_seconds, rate) <= 0 or height < 8 or width < 8 or max_steps < 0:
+        raise click.BadParameter("durations, rate must be > 0, steps >= 0, frames at least "
+                                 "8 x 8")
+    packed = None if compression == "none" else compression
+    ceiling_before = measure_ceiling(height, width, step_seconds) if max_steps else 0.0
     floor, floor_user = measure_transport_floor(rate, height, width, step_seconds,
                                                 forward_image)
+    if packed:
+        packed_floor, packed_floor_user = measure_transport_floor(
+            rate, height, width, step_seconds, forward_image, packed)
     rows: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
     with running_ioc(forward_image) as ioc:
+        dark = write_background(ioc.workdir / "dark.h5", height, width) if background else None
+        ioc.configure(dark, roi)
         steady = run_window(ioc, rate, duration, height, width)
         rows.append({"case": f"rate_{rate:g}hz", **steady, "ratio": steady["rate_hz"] / rate,
                      "floor_cpu_ms_per_frame": floor,
                      "floor_user_cpu_ms_per_frame": floor_user,
                      "cpu_vs_floor": steady["cpu_ms_per_frame"] / floor})
-        best = _highest_lossless_rate(ioc, ceiling_before, max_steps, height, width,
-                                      step_seconds, as_json)
+        if packed:
+            window = run_window(ioc, rate, duration, height, width, compression=packed)
+            rows.append({"case": f"rate_{rate:g}hz_{packed}", **window,
+                         "ratio": window["rate_hz"] / rate,
+                         "compressed_vs_plain":
+                             window["cpu_ms_per_frame"] / steady["cpu_ms_per_frame"],
+                         "floor_cpu_ms_per_frame": packed_floor,
+                         "floor_user_cpu_ms_per_frame": packed_floor_user,
+                         "cpu_vs_floor": window["cpu_ms_per_frame"] / packed_floor})
+        if max_steps:
+            best = _highest_lossless_rate(ioc, ceiling_before, max_steps, height, width,
+                                          step_seconds, as_json)
+    image = "image forwarded" if forward_image else "image not forwarded"
+    rows_summed = f"ROI rows [{roi[0]}, {roi[1]})" if roi else "whole image"
+    title = (f"bench e2e ({height} x {width}, {image}, "
+             f"{'background' if background else 'no background'}, {rows_summed}; "
+             "ratios measured in this run)")
+    if not max_steps:
+        emit(rows, as_json, title=title)
+        return
     # The machine's other load moves the ceiling: measure it on both sides of the IOC's run.
     ceiling_after = measure_ceiling(height, width, step_seconds)
     ceiling = 0.5 * (ceiling_before + ceiling_after)
@@ -341,6 +413,4 @@ def e2e(as_json: bool, duration: float, step_seconds: float, height: int, width:
         rows.append({"case": "max_lossless", "rate_hz": 0.0, "lost": None, "ratio": 0.0})
     else:
         rows.append({"case": "max_lossless", **best, "ratio": best["requested_hz"] / ceiling})
-    image = "image forwarded" if forward_image else "image not forwarded"
-    emit(rows, as_json,
-         title=f"bench e2e ({height} x {width}, {image}; ratios measured in this run)")
+    emit(rows, as_json, title=title)

@@ -70,7 +70,9 @@ from psss_ioc.bench.e2e import (
     process_cpu_seconds,
     running_ioc,
 )
+from psss_ioc.bench.faults import FaultInjector
 from psss_ioc.bench.report import emit, median, percentile
+from psss_ioc.commands import free_port
 from psss_ioc.memory import memory_kb
 from psss_ioc.simulate import SimulatorProcess
 
@@ -199,49 +201,57 @@ def default_warmup(frames: int) -> int:
 
 
 def soak_run(frames: int, rate: float, height: int, width: int, progress: bool = False,
-             sample_seconds: float = 5.0, warmup_frames: int | None = None) -> dict[str, Any]:
+             sample_seconds: float = 5.0, warmup_frames: int | None = None,
+             fault_period: float | None = None) -> dict[str, Any]:
+    """The soak; with `fault_period`, faults every period (see `psss_ioc.bench.faults`), the
+    camera restarted at the end of each."""
     warmup = default_warmup(frames) if warmup_frames is None else warmup_frames
-    with running_ioc() as ioc:
+    rest_port = free_port() if fault_period else 0
+    with running_ioc(rest_port=rest_port) as ioc:
         monitors = Monitors()
+        faults = FaultInjector(PREFIX, rest_port, (height, width)) if fault_period else None
         try:
-            args = [*_simulator_args(rate, height, width, drop=True), "--count", str(frames)]
-            with SimulatorProcess(args) as camera:
-                ioc.follow(camera.address)
-                deadline = time.monotonic() + 60
-                while ioc.value(pvs.N_PROCESSED) == 0:
-                    if time.monotonic() > deadline or camera.proc.poll() is not None:
-                        raise click.ClickException("the IOC processed nothing within 60 s")
-                    time.sleep(0.1)
-                curve = RssCurve(ioc.proc.pid, warmup)
-                first = ioc.value(pvs.N_PROCESSED)
-                cpu_start = process_cpu_seconds(ioc.proc.pid)
-                curve.sample(first)
-                monitors.reset_times()  # not the first frame's (caches, first allocations)
-                expected = frames / rate if rate > 0 else frames / 1000.0
-                end = time.monotonic() + 2 * expected + 120
-                next_sample = time.monotonic() + sample_seconds
-                while camera.proc.poll() is None:
-                    if time.monotonic() > end:
-                        raise click.ClickException("the simulated camera did not finish")
-                    if time.monotonic() >= next_sample:
-                        next_sample += sample_seconds
-                        curve.sample(ioc.value(pvs.N_PROCESSED))
-                    if progress:
-                        click.echo(f"\r  IOC pid {ioc.proc.pid}: processed "
-                                   f"{ioc.value(pvs.N_PROCESSED)} of {frames}, "
-                                   f"RSS {rss_mb(ioc.proc.pid):.1f} MB   ", nl=False, err=True)
-                    time.sleep(min(1.0, sample_seconds))
-                summary = camera.wait(30)
-            match = _SENT.search(summary)
-            if match is None:
-                raise click.ClickException(f"no summary from the simulated camera: {summary!r}")
-            sent, camera_dropped = int(match.group(1)), int(match.group(2))
+            per_camera = max(1, round(rate * fault_period)) if fault_period else frames
+            sent = camera_dropped = 0
+            port, next_pulse = 0, 1
+            curve: RssCurve | None = None
+            first = 0
+            cpu_start = 0.0
+            while sent < frames:
+                args = [*_simulator_args(rate, height, width, drop=True),
+                        "--count", str(min(per_camera, frames - sent)),
+                        "--start-pulse-id", str(next_pulse)]
+                with SimulatorProcess(args, port=port) as camera:
+                    if curve is None:
+                        port = camera.port
+                        ioc.follow(camera.address)
+                        _wait_for_first(ioc, camera)
+                        curve = RssCurve(ioc.proc.pid, warmup)
+                        first = ioc.value(pvs.N_PROCESSED)
+                        cpu_start = process_cpu_seconds(ioc.proc.pid)
+                        curve.sample(first)
+                        monitors.reset_times()  # not the first frame's (caches, allocations)
+                    limit = 2 * min(per_camera, frames - sent) / rate + 120
+                    _follow_camera(ioc, camera, curve, faults, fault_period, frames,
+                                   sample_seconds, progress, limit)
+                    summary = camera.wait(30)
+                match = _SENT.search(summary)
+                if match is None:
+                    raise click.ClickException(f"no summary from the simulated camera: "
+                                               f"{summary!r}")
+                sent += int(match.group(1))
+                camera_dropped += int(match.group(2))
+                next_pulse += int(match.group(1)) + int(match.group(2))
+                if faults is not None and sent < frames:  # the camera restarts
+                    faults.malformed_from(port)
+                    faults.counts["camera_restarts"] += 1
+            assert curve is not None
             processed = _settle(ioc, sent, timeout=60)
             time.sleep(0.5)  # the last monitor updates
             curve.sample(processed)
             cpu = process_cpu_seconds(ioc.proc.pid) - cpu_start
             row = {
-                "case": "soak",
+                "case": "soak" + (" with faults" if faults else ""),
                 "frames": frames,
                 "rate_hz": rate,
                 "shape": f"{height}x{width}",
@@ -259,12 +269,49 @@ def soak_run(frames: int, rate: float, height: int, width: int, progress: bool =
                 "proc_time_samples": len(monitors.proc_times),
                 "ca_updates": monitors.updates,  # target: = processed
                 "out_received": ioc.counter.count,
+                **(faults.figures() if faults else {}),
             }
         finally:
+            if faults is not None:
+                faults.close()
             monitors.close()
     if progress:
         click.echo(err=True)
     return row
+
+
+def _wait_for_first(ioc: RunningIoc, camera: SimulatorProcess) -> None:
+    deadline = time.monotonic() + 60
+    while ioc.value(pvs.N_PROCESSED) == 0:
+        if time.monotonic() > deadline or camera.proc.poll() is not None:
+            raise click.ClickException("the IOC processed nothing within 60 s")
+        time.sleep(0.1)
+
+
+def _follow_camera(ioc: RunningIoc, camera: SimulatorProcess, curve: RssCurve,
+                   faults: FaultInjector | None, fault_period: float | None, frames: int,
+                   sample_seconds: float, progress: bool, limit: float) -> None:
+    """Until this camera has sent its frames: RSS samples, progress, and the faults due."""
+    start = time.monotonic()
+    # the CA burst a quarter into the period, the REST upload at half
+    due = ([(start + fault_period / 4, faults.ca_burst),
+            (start + fault_period / 2, faults.rest_upload)]
+           if faults is not None and fault_period else [])
+    end = start + limit
+    next_sample = start + sample_seconds
+    while camera.proc.poll() is None:
+        now = time.monotonic()
+        if now > end:
+            raise click.ClickException("the simulated camera did not finish")
+        if now >= next_sample:
+            next_sample += sample_seconds
+            curve.sample(ioc.value(pvs.N_PROCESSED))
+        while due and now >= due[0][0]:
+            due.pop(0)[1]()
+        if progress:
+            click.echo(f"\r  IOC pid {ioc.proc.pid}: processed {ioc.value(pvs.N_PROCESSED)} "
+                       f"of {frames}, RSS {rss_mb(ioc.proc.pid):.1f} MB   ", nl=False, err=True)
+        time.sleep(min(0.25, sample_seconds))
 
 
 @click.command()
@@ -277,17 +324,25 @@ def soak_run(frames: int, rate: float, height: int, width: int, progress: bool =
 @click.option("--warmup-frames", type=int, default=None,
               help="Frames processed before the RSS counts as warm [default: frames/5, at most "
                    "5000].")
+@click.option("--faults", is_flag=True,
+              help="Every --fault-period: a burst of CA puts, a REST background upload, a "
+                   "camera restart with a malformed message (see psss_ioc/bench/faults.py).")
+@click.option("--fault-period", type=float, default=60.0, show_default=True,
+              help="Seconds between rounds of faults.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def soak(frames: int, rate: float, height: int, width: int, sample_seconds: float,
-         warmup_frames: int | None, as_json: bool) -> None:
+         warmup_frames: int | None, faults: bool, fault_period: float, as_json: bool) -> None:
     """Soak: FRAMES full frames at RATE through the IOC; loss, IOC memory curve, processing time."""
     if frames < 1 or rate <= 0 or height < 8 or width < 8 or sample_seconds <= 0:
         raise click.BadParameter("frames >= 1, rate > 0, sample-seconds > 0, frames at least "
                                  "8 x 8")
     if warmup_frames is not None and warmup_frames < 0:
         raise click.BadParameter("warmup-frames >= 0")
+    if faults and fault_period < 4:
+        raise click.BadParameter("fault-period >= 4 s")
     row = soak_run(frames, rate, height, width, progress=not as_json,
-                   sample_seconds=sample_seconds, warmup_frames=warmup_frames)
+                   sample_seconds=sample_seconds, warmup_frames=warmup_frames,
+                   fault_period=fault_period if faults else None)
     if as_json:
         emit([row], as_json)
         return

@@ -5,9 +5,15 @@ Against that same stream we alternate, `--rounds` times: a bare pyzmq
 ``recv_multipart(copy=False)`` loop (the ceiling: ZeroMQ + TCP, no bsread at all) and
 `CameraSource.receive()` (psi-bsread's socket handling + our decoding: headers, checks, image
 as a numpy array). Medians of the rounds, ratio = ours / ceiling. Uncompressed and
-bitshuffle_lz4: for the latter the ceiling moves fewer bytes and ours also decompresses.
+bitshuffle_lz4: for the latter the ceiling moves fewer bytes and ours also decompresses the
+whole image (`Frame.image`; the IOC itself decodes only the ROI rows).
 ``*_cpu_ms`` is the receiving process's CPU time per frame (all its threads, including
 ZeroMQ's I/O thread): the cost of receiving, whatever limits the rate.
+
+Then, without sockets, the decoding of a bitshuffle_lz4 frame: the rows of an ROI centred on
+the frame (`--roi-rows`, 700 and 300 by default) against the whole frame, both from the
+received bytes (block layout checked, blocks decompressed), medians of `--frames` decodes;
+``ratio`` = ROI / whole.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import sys
 import time
 
 import click
+import numpy as np
 import zmq
 
+from psss_ioc import bsread_wire as wire
 from psss_ioc.bench.report import emit, median
-from psss_ioc.simulate import SimulatorProcess
+from psss_ioc.simulate import SimConfig, SimulatedCamera, SimulatorProcess
 from psss_ioc.stream import CameraSource, image_channel_for
 
 PREFIX = "BENCH-PSSS"
@@ -51,20 +59,25 @@ def bare_rate(address: str, frames: int, warmup: int) -> tuple[float, float, flo
     return frames / elapsed, cpu / frames * 1e3, nbytes / frames / 1e6
 
 
-def ours_rate(address: str, frames: int, warmup: int, profile: cProfile.Profile | None = None
-              ) -> tuple[float, float]:
-    """(frames/s, CPU ms per frame) of CameraSource.receive() on the same stream."""
+def ours_rate(address: str, frames: int, warmup: int, profile: cProfile.Profile | None = None,
+              decode_threads: int = 1) -> tuple[float, float]:
+    """(frames/s, CPU ms per frame) of CameraSource.receive() on the same stream, the whole
+    image decoded."""
     with CameraSource(address, "PULL", image_channel_for(PREFIX), receive_timeout=30.0,
-                      queue_size=QUEUE_SIZE) as source:
-        for _ in range(warmup):
-            if source.receive() is None:
+                      queue_size=QUEUE_SIZE, decode_threads=decode_threads) as source:
+        def receive() -> None:
+            frame = source.receive()
+            if frame is None:
                 raise RuntimeError("no frame from the simulator")
+            frame.image  # noqa: B018 - a compressed image is decoded when asked for
+
+        for _ in range(warmup):
+            receive()
         if profile is not None:
             profile.enable()
         start, cpu = time.perf_counter(), time.process_time()
         for _ in range(frames):
-            if source.receive() is None:
-                raise RuntimeError("no frame from the simulator")
+            receive()
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         if profile is not None:
             profile.disable()
@@ -74,7 +87,7 @@ def ours_rate(address: str, frames: int, warmup: int, profile: cProfile.Profile 
 
 
 def run_case(height: int, width: int, compression: str, frames: int, rounds: int, warmup: int,
-             profile: bool) -> dict[str, object]:
+             profile: bool, decode_threads: int = 1) -> dict[str, object]:
     args = ["--rate", "0", "--height", str(height), "--width", str(width), "--compression",
             compression, "--pool", "8", "--seed", "1", "--prefix", PREFIX]
     ceiling: list[tuple[float, float]] = []
@@ -84,7 +97,7 @@ def run_case(height: int, width: int, compression: str, frames: int, rounds: int
         for _ in range(rounds):
             hz, cpu_ms, wire_mb = bare_rate(sim.address, frames, warmup)
             ceiling.append((hz, cpu_ms))
-            ours.append(ours_rate(sim.address, frames, warmup))
+            ours.append(ours_rate(sim.address, frames, warmup, decode_threads=decode_threads))
         if profile:
             _profile(sim.address, frames, warmup, compression)
     ours_hz, ceiling_hz = median([m[0] for m in ours]), median([m[0] for m in ceiling])
@@ -99,6 +112,44 @@ def run_case(height: int, width: int, compression: str, frames: int, rounds: int
         "frames": frames,
         "rounds": rounds,
     }
+
+
+def decode_cases(height: int, width: int, roi_rows: tuple[int, ...], repeats: int,
+                 decode_threads: int = 1) -> list[dict[str, object]]:
+    """The ROI rows of a bitshuffle_lz4 frame against the whole frame, from the received
+    bytes each time (block layout checked, then the blocks decompressed). The cases take
+    turns, so that the machine's other load weighs on all of them alike."""
+    image = SimulatedCamera(SimConfig(height=height, width=width, pool=1, seed=1)).images[0]
+    spec = wire.ChannelSpec.for_array("x", image, wire.BSLZ4)
+    raw = wire.encode_value(spec, image)
+
+    def decode(rows: tuple[int, int]) -> np.ndarray:
+        blocks = wire.Bslz4Blocks(raw, image.dtype, image.size)
+        return wire.Bslz4Image(raw, blocks, image.shape, decode_threads).rows(*rows)
+
+    heights = [min(max(n, 1), height) for n in roi_rows]
+    cases = [(0, height)] + [((height - n) // 2, (height - n) // 2 + n) for n in heights]
+    times: list[list[float]] = [[] for _ in cases]
+    for i in range(repeats + 1):  # the first round warms up
+        for case, samples in zip(cases, times, strict=True):
+            start = time.perf_counter()
+            decode(case)
+            if i:
+                samples.append(time.perf_counter() - start)
+    full_ms = median(times[0]) * 1e3
+    rows_out: list[dict[str, object]] = []
+    for n, rows, samples in zip(heights, cases[1:], times[1:], strict=True):
+        roi_ms = median(samples) * 1e3
+        rows_out.append({
+            "case": f"decode {n} of {height} rows bitshuffle_lz4",
+            "roi_ms": roi_ms,
+            "full_ms": full_ms,
+            "ratio": roi_ms / full_ms,
+            "rows": list(rows),
+            "decode_threads": decode_threads,
+            "frames": repeats,
+        })
+    return rows_out
 
 
 def _profile(address: str, frames: int, warmup: int, compression: str) -> None:
@@ -122,8 +173,18 @@ def _profile(address: str, frames: int, warmup: int, compression: str) -> None:
               type=click.Choice(["none", "bitshuffle_lz4"]),
               default=("none", "bitshuffle_lz4"), show_default=True)
 @click.option("--profile", is_flag=True, help="Also print a cProfile of receive() to stderr.")
+@click.option("--roi-rows", "roi_rows", type=int, multiple=True, default=(700, 300),
+              show_default=True, help="ROI heights whose decoding is timed against the frame's.")
+@click.option("--decode-threads", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="Threads that decode a compressed frame's blocks (the IOC uses 1).")
 def stream(as_json: bool, frames: int, rounds: int, warmup: int, height: int, width: int,
-           compressions: tuple[str, ...], profile: bool) -> None:
-    """CameraSource receive rate vs a bare pyzmq recv_multipart loop (tcp loopback)."""
-    rows = [run_case(height, width, c, frames, rounds, warmup, profile) for c in compressions]
-    emit(rows, as_json, title="bench stream: CameraSource vs bare pyzmq (same stream, one run)")
+           compressions: tuple[str, ...], profile: bool, roi_rows: tuple[int, ...],
+           decode_threads: int) -> None:
+    """CameraSource receive rate vs a bare pyzmq recv_multipart loop (tcp loopback); ROI-only
+    decoding of a bitshuffle_lz4 frame vs the whole frame."""
+    rows = [run_case(height, width, c, frames, rounds, warmup, profile, decode_threads)
+            for c in compressions]
+    if roi_rows:
+        rows += decode_cases(height, width, roi_rows, frames, decode_threads)
+    emit(rows, as_json, title="bench stream: CameraSource vs bare pyzmq (same stream, one run); "
+         "ROI rows vs whole frame decoded")
