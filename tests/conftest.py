@@ -7,6 +7,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -81,3 +82,15 @@ def raw_push() -> Iterator[tuple[zmq.Socket, str]]:
     finally:
         sock.close(0)
         context.term()
+
+
+@pytest.fixture(scope="module")
+def pva() -> Iterator[Any]:
+    """A p4p PV Access client context for one test module."""
+    from p4p.client.thread import Context
+
+    ctx = Context("pva")
+    try:
+        yield ctx
+    finally:
+        ctx.close()

@@ -33,8 +33,7 @@ def camera() -> Iterator[Camera]:
     try:
         yield cam
     finally:
-        cam.sock.close(0)
-        cam.context.term()
+        cam.close()
 
 
 def start_ioc(tmp_path: Path, camera: Camera | None = None, *extra: str,

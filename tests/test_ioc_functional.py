@@ -54,15 +54,6 @@ def ioc(sim: SimulatorProcess, workdir: Path) -> Iterator[IocProcess]:
         assert code == 0, proc.log()
 
 
-@pytest.fixture(scope="module")
-def pva() -> Iterator[Context]:
-    ctx = Context("pva")
-    try:
-        yield ctx
-    finally:
-        ctx.close()
-
-
 def processing(ioc: IocProcess) -> None:
     wait_until(lambda: ioc.get(pvs.STATUS) == "Processing", 60, what="STATUS Processing")
 

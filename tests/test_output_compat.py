@@ -51,15 +51,6 @@ def camera() -> SimulatedCamera:
     return SimulatedCamera(SimConfig(height=H, width=W, seed=SEED, pool=POOL))
 
 
-@pytest.fixture(scope="module")
-def pva() -> Iterator[Context]:
-    ctx = Context("pva")
-    try:
-        yield ctx
-    finally:
-        ctx.close()
-
-
 # ------------------------------------------------------------------------------ the 1.8 IOC
 class Legacy:
     """The legacy command line's IOC; `restart()` starts it again on the same state."""

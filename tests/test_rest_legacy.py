@@ -70,15 +70,6 @@ def ioc(sim: SimulatorProcess, workdir: Path, rest_port: int) -> Iterator[IocPro
         assert code == 0, (workdir / "ioc.log").read_text()[-5000:]
 
 
-@pytest.fixture(scope="module")
-def pva() -> Iterator[Context]:
-    ctx = Context("pva")
-    try:
-        yield ctx
-    finally:
-        ctx.close()
-
-
 @pytest.fixture
 def address(ioc: IocProcess, rest_port: int) -> str:
     return f"http://127.0.0.1:{rest_port}/"
