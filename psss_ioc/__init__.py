@@ -14,7 +14,7 @@ __all__ = ["PsssProcessingClient", "__version__"]
 def __getattr__(name: str) -> Any:
     # lazy: `import psss_ioc` (the IOC, the CLI) does not pull in requests
     if name == "PsssProcessingClient":
-        from psss_ioc.client import PsssProcessingClient
+        from psss_ioc.rest.client import PsssProcessingClient
 
         return PsssProcessingClient
     raise AttributeError(f"module 'psss_ioc' has no attribute {name!r}")

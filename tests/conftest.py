@@ -56,7 +56,7 @@ def compiled_kernels() -> None:
     in a second; on a fresh clone the first compile takes half a minute, which would
     otherwise fall into whichever test's IOC start-up comes first and eat its time limit.
     """
-    from psss_ioc.processing import warm_up
+    from psss_ioc.core.processing import warm_up
 
     warm_up()
 

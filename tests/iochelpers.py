@@ -19,12 +19,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from psss_ioc import pvs
-from psss_ioc.commands import free_port, loopback_epics_env
+from psss_ioc.cli.commands import free_port, loopback_epics_env
+from psss_ioc.ioc import pvs
 
 BIN = Path(sys.executable).parent
-RUN = [sys.executable, "-c", "from psss_ioc.commands import run_command; run_command()"]
-LEGACY = [sys.executable, "-c", "from psss_ioc.commands import legacy_main; legacy_main()"]
+RUN = [sys.executable, "-c", "from psss_ioc.cli.commands import run_command; run_command()"]
+LEGACY = [sys.executable, "-c", "from psss_ioc.cli.commands import legacy_main; legacy_main()"]
 
 
 def free_port_pair() -> int:

@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from psss_ioc import background
-from psss_ioc.background import BackgroundError
+from psss_ioc.core import background
+from psss_ioc.core.background import BackgroundError
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from psss_ioc import background
-from psss_ioc.ioc_config import IocConfig
+from psss_ioc.core import background
+from psss_ioc.ioc.config import IocConfig
 
 
 @pytest.fixture

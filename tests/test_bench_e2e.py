@@ -17,7 +17,7 @@ def test_bench_e2e_reports_every_case(forward):
     compressed = ["--compression", "bitshuffle_lz4", "--roi", "10", "40"] \
         if forward == "--forward-image" else []
     out = subprocess.run(
-        [sys.executable, "-m", "psss_ioc.cli", "bench", "e2e", "--json", "--duration", "2",
+        [sys.executable, "-m", "psss_ioc.cli.main", "bench", "e2e", "--json", "--duration", "2",
          "--step-seconds", "1", "--height", "64", "--width", "128", "--rate", "50",
          "--max-steps", "1", forward, *compressed],
         capture_output=True, text=True, timeout=240,

@@ -11,7 +11,7 @@ import sys
 
 def test_bench_soak_reports_its_figures() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "psss_ioc.cli", "bench", "soak", "--json", "--frames", "300",
+        [sys.executable, "-m", "psss_ioc.cli.main", "bench", "soak", "--json", "--frames", "300",
          "--rate", "100", "--height", "64", "--width", "128", "--sample-seconds", "0.5"],
         capture_output=True, text=True, timeout=240,
     )
@@ -65,7 +65,7 @@ def test_bench_soak_with_faults_loses_no_good_frame() -> None:
     least once (CA burst, REST upload, camera restart with a malformed message), no good frame
     is lost, and the malformed messages are counted by the IOC."""
     out = subprocess.run(
-        [sys.executable, "-m", "psss_ioc.cli", "bench", "soak", "--json", "--faults",
+        [sys.executable, "-m", "psss_ioc.cli.main", "bench", "soak", "--json", "--faults",
          "--fault-period", "5", "--frames", "1100", "--rate", "100", "--height", "64",
          "--width", "128", "--sample-seconds", "1"],
         capture_output=True, text=True, timeout=300,

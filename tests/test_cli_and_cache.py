@@ -10,7 +10,7 @@ import sys
 from click.testing import CliRunner
 
 from psss_ioc import __version__
-from psss_ioc.cli import main
+from psss_ioc.cli.main import main
 
 
 def test_version_and_help():
@@ -58,7 +58,7 @@ def test_bench_core_refuses_bad_sizes():
 
 _PROBE = """
 import json
-from psss_ioc import fit, processing
+from psss_ioc.core import fit, processing
 processing.warm_up()
 kernels = [processing._sum_rows_int, processing._spectrum_and_fit_u16, fit.analyse]
 print(json.dumps({k.__name__: [sum(k.stats.cache_hits.values()),

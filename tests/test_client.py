@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from psss_ioc import PsssProcessingClient
-from psss_ioc.client import DEFAULT_ADDRESS
+from psss_ioc.rest.client import DEFAULT_ADDRESS
 
 
 class Stub:

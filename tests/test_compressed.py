@@ -19,12 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_pipeline import FakeSource, Recorder, wait_until
 
-from psss_ioc import bsread_wire as wire
-from psss_ioc.pipeline import Pipeline
-from psss_ioc.processing import Settings, process
-from psss_ioc.pvs import State
-from psss_ioc.simulate import SimConfig, SimulatedCamera
-from psss_ioc.stream import CameraSource, Frame, ResultSender
+from psss_ioc.core.processing import Settings, process
+from psss_ioc.ioc.pvs import State
+from psss_ioc.pipeline.worker import Pipeline
+from psss_ioc.streams import bsread_wire as wire
+from psss_ioc.streams.simulate import SimConfig, SimulatedCamera
+from psss_ioc.streams.stream import CameraSource, Frame, ResultSender
 
 CHANNEL = "TEST-CAM:FPICTURE"
 TS = (1700000000, 5)

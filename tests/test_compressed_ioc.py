@@ -18,8 +18,8 @@ from iochelpers import EPICS_ENV, IocProcess, wait_until
 from test_compressed import bomb
 from test_faults import CHANNEL, Camera, H, W, _timestamp
 
-from psss_ioc import bsread_wire as wire
-from psss_ioc import pvs
+from psss_ioc.ioc import pvs
+from psss_ioc.streams import bsread_wire as wire
 
 PREFIX = "TST-PSSS-CZ"
 

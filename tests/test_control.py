@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from psss_ioc.control import RoiControl, RoiOutcome, roi_pair_problem
-from psss_ioc.processing import FrameMismatchError, Settings, process
+from psss_ioc.core.processing import FrameMismatchError, Settings, process
+from psss_ioc.ioc.control import RoiControl, RoiOutcome, roi_pair_problem
 
 
 class Recorder:

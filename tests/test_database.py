@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from psss_ioc import pvs
-from psss_ioc.cli import main
-from psss_ioc.database import DB_PATH
-from psss_ioc.pvs import Kind
+from psss_ioc.cli.main import main
+from psss_ioc.generate.database import DB_PATH
+from psss_ioc.ioc import pvs
+from psss_ioc.ioc.pvs import Kind
 
 RECORD = re.compile(r'^record\((\w+), "([^"]+)"\)\n\{\n(.*?)^\}', re.M | re.S)
 FIELD = re.compile(r'field\((\w+),\s*"([^"]*)"\)')

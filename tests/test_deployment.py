@@ -19,8 +19,8 @@ import epicscorelibs.path
 import pvxslibs
 import pytest
 
-from psss_ioc import pvs
-from psss_ioc.commands import run_command
+from psss_ioc.cli.commands import run_command
+from psss_ioc.ioc import pvs
 
 TOP = Path(__file__).resolve().parent.parent
 BOOT = TOP / "iocBoot" / "iocpsss"

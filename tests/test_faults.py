@@ -26,10 +26,10 @@ import requests
 import zmq
 from iochelpers import EPICS_ENV, IocProcess, caget, wait_until
 
-from psss_ioc import bsread_wire as wire
-from psss_ioc import pvs
-from psss_ioc.commands import free_port
-from psss_ioc.simulate import SimConfig, SimulatedCamera
+from psss_ioc.cli.commands import free_port
+from psss_ioc.ioc import pvs
+from psss_ioc.streams import bsread_wire as wire
+from psss_ioc.streams.simulate import SimConfig, SimulatedCamera
 
 PREFIX = "TST-PSSS-F"
 CHANNEL = "TST-CAM-F:FPICTURE"

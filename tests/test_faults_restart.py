@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from iochelpers import EPICS_ENV, IocProcess, wait_until
 
-from psss_ioc import pvs
-from psss_ioc.simulate import SimConfig, SimulatedCamera
+from psss_ioc.ioc import pvs
+from psss_ioc.streams.simulate import SimConfig, SimulatedCamera
 
 H, W = 200, 256
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import curve_fit
 
-from psss_ioc.fit import FWHM_PER_SIGMA, FitStatus, fit_spectrum, gaussian
+from psss_ioc.core.fit import FWHM_PER_SIGMA, FitStatus, fit_spectrum, gaussian
 
 
 def model(x, amplitude, center, sigma, offset):
@@ -179,7 +179,7 @@ def test_any_non_finite_value_anywhere_is_invalid_input(bad, where):
 
 
 def test_uniform_step_detects_uniform_axes_only():
-    from psss_ioc.fit import uniform_step
+    from psss_ioc.core.fit import uniform_step
 
     assert uniform_step(np.arange(2560.0)) == 1.0
     assert uniform_step(np.linspace(12300.0, 11900.0, 2560)) == pytest.approx(-400.0 / 2559)
@@ -198,7 +198,7 @@ def test_uniform_step_detects_uniform_axes_only():
 @pytest.mark.parametrize("n", [17, 130, 2560])
 def test_gaussian_by_recurrence_equals_the_exact_one(spacing_sign, center, sigma, n):
     """The uniform-axis recurrence (Gaussian without exp per point) is exact to 1e-12."""
-    from psss_ioc.fit import _unit_gaussian, _unit_gaussian_exact, uniform_step
+    from psss_ioc.core.fit import _unit_gaussian, _unit_gaussian_exact, uniform_step
 
     x = spacing_sign * np.arange(n, dtype=np.float64)
     c = spacing_sign * center
@@ -222,7 +222,7 @@ def test_axis_without_extent_is_invalid_input_not_an_exception(axis):
 
 
 def test_a_prepared_axis_gives_the_same_fit_and_leaves_the_callers_array_writable():
-    from psss_ioc.fit import analyse_on_axis, fit_axis, result_of
+    from psss_ioc.core.fit import analyse_on_axis, fit_axis, result_of
 
     x = np.linspace(12300.0, 11900.0, 2560)
     y = model(x, 500.0, 12050.0, 30.0, 20.0) + np.random.default_rng(1).normal(0, 3, x.size)
@@ -246,7 +246,7 @@ def test_spiky_sase_spectra_converge_in_few_steps_to_the_least_squares_minimum()
     that scipy's least_squares finds with tight tolerances."""
     from scipy.optimize import least_squares
 
-    from psss_ioc.simulate import SimConfig, SimulatedCamera
+    from psss_ioc.streams.simulate import SimConfig, SimulatedCamera
 
     camera = SimulatedCamera(SimConfig(height=200, width=2560, pool=24, seed=3))
     x = np.arange(2560, dtype=np.float64)

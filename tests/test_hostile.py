@@ -21,8 +21,8 @@ import pytest
 from iochelpers import EPICS_ENV, IocProcess, caget, wait_until
 from test_faults import CHANNEL, Camera, _timestamp
 
-from psss_ioc import bsread_wire as wire
-from psss_ioc import pvs
+from psss_ioc.ioc import pvs
+from psss_ioc.streams import bsread_wire as wire
 
 PREFIX = "TST-PSSS-HX"
 
@@ -279,7 +279,7 @@ def test_a_failing_save_is_shown_rate_limited_and_the_ioc_still_stops(tmp_path: 
 def test_a_prefix_the_ioc_cannot_serve_is_refused_at_start(prefix: str) -> None:
     from click.testing import CliRunner
 
-    from psss_ioc.commands import legacy_main, run_command
+    from psss_ioc.cli.commands import legacy_main, run_command
 
     for command, args in ((run_command, ["--prefix", prefix]),
                           (legacy_main, ["tcp://cam:9000", "-i", prefix])):

@@ -15,9 +15,9 @@ import pytest
 from iochelpers import EPICS_ENV, IocProcess, caget, caput, simulator_args, wait_until
 from p4p.client.thread import Context
 
-from psss_ioc import pvs
-from psss_ioc.processing import Settings, process
-from psss_ioc.simulate import SimConfig, SimulatedCamera, SimulatorProcess
+from psss_ioc.core.processing import Settings, process
+from psss_ioc.ioc import pvs
+from psss_ioc.streams.simulate import SimConfig, SimulatedCamera, SimulatorProcess
 
 PREFIX = "TST-PSSS-F"
 H, W, SEED, POOL = 200, 256, 7, 8

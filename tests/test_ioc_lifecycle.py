@@ -17,8 +17,8 @@ from iochelpers import (
     wait_until,
 )
 
-from psss_ioc import pvs
-from psss_ioc.simulate import SimulatorProcess
+from psss_ioc.ioc import pvs
+from psss_ioc.streams.simulate import SimulatorProcess
 
 PREFIX = "TST-PSSS-L"
 H, W = 200, 256
@@ -149,7 +149,8 @@ def test_demo_command_processes_and_exits() -> None:
 
     ca, pva = free_port_pair(), free_port_pair()
     out = subprocess.run(
-        [sys.executable, "-c", "from psss_ioc.cli import main; main()", "demo", "--height", "200",
+        [sys.executable, "-c", "from psss_ioc.cli.main import main; main()", "demo",
+         "--height", "200",
          "--width", "256", "--ca-port", str(ca), "--pva-port", str(pva), "--duration", "6"],
         capture_output=True, text=True, timeout=120, check=False,
     )
@@ -167,7 +168,7 @@ def test_legacy_psss_processing_command_line(sim: SimulatorProcess, tmp_path: Pa
 
     log = open(tmp_path / "legacy.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from psss_ioc.commands import legacy_main; legacy_main()",
+        [sys.executable, "-c", "from psss_ioc.cli.commands import legacy_main; legacy_main()",
          sim.address, "-i", PREFIX, "-o", "0", "-r", str(free_port_pair()),
          "--rest_api_interface", "127.0.0.1", "--log_level", "INFO", "--auto_start"],
         env={**os.environ, **EPICS_ENV}, stdout=log, stderr=subprocess.STDOUT,

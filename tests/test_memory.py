@@ -1,4 +1,4 @@
-"""psss_ioc.memory: the IOC releases the real-time memory lock of iocInit (issue 7)."""
+"""psss_ioc.ioc.memory: the IOC releases the real-time memory lock of iocInit (issue 7)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from iochelpers import EPICS_ENV, IocProcess, wait_until
 
-from psss_ioc.memory import ENV_KEEP_MLOCK, locked_kb
+from psss_ioc.ioc.memory import ENV_KEEP_MLOCK, locked_kb
 
 # mlockall(MCL_CURRENT | MCL_FUTURE) as iocInit does, then release_memory_lock.
 _LOCK_THEN_RELEASE = """
 import ctypes, os, sys
-from psss_ioc.memory import locked_kb, release_memory_lock
+from psss_ioc.ioc.memory import locked_kb, release_memory_lock
 if ctypes.CDLL(None, use_errno=True).mlockall(3) != 0:
     print("cannot lock"); sys.exit(0)
 before = locked_kb()
@@ -43,7 +43,7 @@ def test_keep_mlock_keeps_it() -> None:
 
 
 def test_unlocked_process_is_left_alone() -> None:
-    from psss_ioc.memory import release_memory_lock
+    from psss_ioc.ioc.memory import release_memory_lock
 
     if locked_kb() > 0:
         pytest.skip("the test process itself is locked")
@@ -77,7 +77,7 @@ def test_the_ioc_runs_unlocked_unless_told(tmp_path: Path, keep: bool) -> None:
 # In a process of its own: freezing changes the collector of the whole interpreter.
 _FREEZE = """
 import gc, weakref
-from psss_ioc.memory import freeze_startup_objects
+from psss_ioc.ioc.memory import freeze_startup_objects
 class Node:
     pass
 alive = [Node() for _ in range(1000)]

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from psss_ioc.pipeline import NullPublisher, Pipeline
-from psss_ioc.processing import Settings
+from psss_ioc.core.processing import Settings
+from psss_ioc.pipeline.worker import NullPublisher, Pipeline
 from psss_ioc.ratelimit import RateLimitedLog
 
 H, W = 32, 64

@@ -31,9 +31,10 @@ import zmq
 from iochelpers import EPICS_ENV, LEGACY, IocProcess, simulator_args, wait_until
 from p4p.client.thread import Context
 
-from psss_ioc import PsssProcessingClient, pvs
-from psss_ioc.commands import free_port
-from psss_ioc.simulate import SimConfig, SimulatedCamera, SimulatorProcess
+from psss_ioc import PsssProcessingClient
+from psss_ioc.cli.commands import free_port
+from psss_ioc.ioc import pvs
+from psss_ioc.streams.simulate import SimConfig, SimulatedCamera, SimulatorProcess
 
 LEGACY_PREFIX = "TST-PSSS-V18"
 DOC_PREFIX = "TST-PSSS-DOC"

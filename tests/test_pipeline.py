@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from psss_ioc.pipeline import Pipeline, Statistics
-from psss_ioc.processing import Settings, process
-from psss_ioc.pvs import State
+from psss_ioc.core.processing import Settings, process
+from psss_ioc.ioc.pvs import State
+from psss_ioc.pipeline.worker import Pipeline, Statistics
 
 H, W = 40, 64
 

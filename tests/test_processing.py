@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from psss_ioc.fit import fit_spectrum
-from psss_ioc.processing import (
+from psss_ioc.core.fit import fit_spectrum
+from psss_ioc.core.processing import (
     MAX_OUTLIER_FRACTION,
     FitStatus,
     FrameMismatchError,
@@ -330,7 +330,7 @@ def test_compact_background_holds_the_dark_frame_exactly():
 def test_settings_made_from_settings_share_the_compact_background():
     import gc
 
-    from psss_ioc import processing
+    from psss_ioc.core import processing
 
     rng = np.random.default_rng(8)
     frame = rng.poisson(300, (40, 600)).astype(np.uint16)

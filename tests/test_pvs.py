@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from psss_ioc import pvs
+from psss_ioc.ioc import pvs
 
 
 def test_names_unique_and_short() -> None:

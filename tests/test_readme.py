@@ -46,10 +46,11 @@ import zmq
 from click.testing import CliRunner
 from iochelpers import BIN, EPICS_ENV, IocProcess, caget, simulator_args, wait_until
 
-from psss_ioc import pvs, readme, screens
-from psss_ioc.cli import main
-from psss_ioc.commands import free_port
-from psss_ioc.simulate import SimulatorProcess
+from psss_ioc.cli.commands import free_port
+from psss_ioc.cli.main import main
+from psss_ioc.generate import readme, screens
+from psss_ioc.ioc import pvs
+from psss_ioc.streams.simulate import SimulatorProcess
 
 README = readme.README_PATH
 REPO = README.parent

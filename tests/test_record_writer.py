@@ -11,7 +11,7 @@ from iochelpers import EPICS_ENV
 SCRIPT = textwrap.dedent('''
     import math, os, numpy as np
     from softioc import softioc, builder, asyncio_dispatcher, fields
-    from psss_ioc import record_writer as rw
+    from psss_ioc.ioc import record_writer as rw
     assert (rw.DBR_LONG, rw.DBR_ULONG, rw.DBR_INT64, rw.DBR_UINT64, rw.DBR_DOUBLE) == (
         fields.DBF_LONG, fields.DBF_ULONG, fields.DBF_INT64, fields.DBF_UINT64, fields.DBF_DOUBLE)
     builder.SetDeviceName("RW")

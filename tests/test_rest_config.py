@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from psss_ioc import commands, ioc, parameters, rest
-from psss_ioc.ioc_config import IocConfig
+from psss_ioc.cli import commands
+from psss_ioc.ioc import app as ioc
+from psss_ioc.ioc import parameters
+from psss_ioc.ioc.config import IocConfig
+from psss_ioc.rest import server as rest
 
 
 @pytest.fixture

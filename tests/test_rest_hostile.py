@@ -25,8 +25,9 @@ import requests
 import yaml
 from iochelpers import EPICS_ENV, RUN, IocProcess, caget, caput, wait_until
 
-from psss_ioc import pvs, rest
-from psss_ioc.commands import free_port
+from psss_ioc.cli.commands import free_port
+from psss_ioc.ioc import pvs
+from psss_ioc.rest import server as rest
 
 PREFIX = "TST-PSSS-HOSTILE"
 TOKEN = "hostile-token"

@@ -23,10 +23,11 @@ import requests
 from iochelpers import BIN, EPICS_ENV, IocProcess, simulator_args, wait_until
 from p4p.client.thread import Context
 
-from psss_ioc import PsssProcessingClient, pvs
-from psss_ioc.commands import free_port
-from psss_ioc.processing import Settings, process
-from psss_ioc.simulate import SimConfig, SimulatedCamera, SimulatorProcess
+from psss_ioc import PsssProcessingClient
+from psss_ioc.cli.commands import free_port
+from psss_ioc.core.processing import Settings, process
+from psss_ioc.ioc import pvs
+from psss_ioc.streams.simulate import SimConfig, SimulatedCamera, SimulatorProcess
 
 PREFIX = "TST-PSSS-REST"
 H, W, SEED, POOL = 200, 256, 7, 8

@@ -17,8 +17,9 @@ import pytest
 import requests
 from iochelpers import EPICS_ENV, IocProcess, caget, wait_until
 
-from psss_ioc import PsssProcessingClient, pvs
-from psss_ioc.commands import free_port
+from psss_ioc import PsssProcessingClient
+from psss_ioc.cli.commands import free_port
+from psss_ioc.ioc import pvs
 
 PREFIX = "TST-PSSS-RESTUP"
 TOKEN = "s3cret-token"

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from iochelpers import EPICS_ENV, IocProcess, caget, simulator_args, wait_until
 
-from psss_ioc import pvs
-from psss_ioc.commands import free_port
-from psss_ioc.simulate import SimConfig, SimulatedCamera, SimulatorProcess
+from psss_ioc.cli.commands import free_port
+from psss_ioc.ioc import pvs
+from psss_ioc.streams.simulate import SimConfig, SimulatedCamera, SimulatorProcess
 
 PREFIX = "TST-PSSS-ROI"
 H, W, SEED, POOL = 200, 256, 11, 8

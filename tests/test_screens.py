@@ -14,8 +14,9 @@ import pytest
 from click.testing import CliRunner
 from iochelpers import BIN, EPICS_ENV, IocProcess
 
-from psss_ioc import pvs, screens
-from psss_ioc.cli import main
+from psss_ioc.cli.main import main
+from psss_ioc.generate import screens
+from psss_ioc.ioc import pvs
 
 MACRO_PV = re.compile(r"^\$\(P\):([A-Z0-9_]+)$")
 

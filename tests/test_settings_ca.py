@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from iochelpers import EPICS_ENV, IocProcess, simulator_args, wait_until
 
-from psss_ioc import pvs
-from psss_ioc.simulate import SimulatorProcess
+from psss_ioc.ioc import pvs
+from psss_ioc.streams.simulate import SimulatorProcess
 
 PREFIX = "TST-PSSS-S"
 # The real camera's width; fewer rows to spare the CPU. The float64 background (10 MB) makes

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from scipy.optimize import curve_fit
 
-from psss_ioc.simulate import (
+from psss_ioc.streams.simulate import (
     FWHM_PER_SIGMA,
     SimConfig,
     SimulatedCamera,
     Simulator,
     SimulatorProcess,
 )
-from psss_ioc.stream import CameraSource, Frame, image_channel_for
+from psss_ioc.streams.stream import CameraSource, Frame, image_channel_for
 
 CHANNEL = image_channel_for("SARFE10-PSSS059")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
-from psss_ioc.stream import Frame, ResultSender
+from psss_ioc.streams.stream import Frame, ResultSender
 
 CHANNEL = "TEST-CAM:FPICTURE"
 IMAGE = np.arange(35, dtype=np.uint16).reshape(5, 7)
@@ -18,7 +18,7 @@ IMAGE = np.arange(35, dtype=np.uint16).reshape(5, 7)
 
 def stream_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
     return [(r.levelno, r.getMessage()) for r in caplog.records
-            if r.name == "psss_ioc.stream" and r.getMessage().startswith("output stream")]
+            if r.name == "psss_ioc.streams.stream" and r.getMessage().startswith("output stream")]
 
 
 def send(sender: ResultSender, pulse_id: int) -> bool:
@@ -28,7 +28,7 @@ def send(sender: ResultSender, pulse_id: int) -> bool:
 @pytest.mark.parametrize("mode", ["PUB", "PUSH"])
 def test_no_consumer_is_one_line_when_it_begins_and_one_when_it_ends(
         mode: str, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="psss_ioc.stream")
+    caplog.set_level(logging.INFO, logger="psss_ioc.streams.stream")
     context = zmq.Context()
     consumer = context.socket(zmq.SUB if mode == "PUB" else zmq.PULL)
     consumer.setsockopt(zmq.LINGER, 0)
@@ -82,7 +82,7 @@ def test_no_consumer_is_one_line_when_it_begins_and_one_when_it_ends(
 def test_a_slow_consumer_is_still_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     """A consumer that does not read fills the queue: that is a problem, logged as before
     (rate-limited), and not reported as "no consumer"."""
-    caplog.set_level(logging.INFO, logger="psss_ioc.stream")
+    caplog.set_level(logging.INFO, logger="psss_ioc.streams.stream")
     image = np.zeros((512, 1024), np.uint16)  # 1 MB: socket buffers fill after a few
     context = zmq.Context()
     consumer = context.socket(zmq.PULL)

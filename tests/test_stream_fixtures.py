@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import zmq
 
-from psss_ioc import bsread_wire as wire
-from psss_ioc.stream import CameraSource
+from psss_ioc.streams import bsread_wire as wire
+from psss_ioc.streams.stream import CameraSource
 
 PSI_TIMESTAMP = (1600000000, 500)
 JAVA_CHANNEL_TIMESTAMP = (1517934907, 307000000)

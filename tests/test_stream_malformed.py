@@ -9,8 +9,8 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from psss_ioc import bsread_wire as wire
-from psss_ioc.stream import CameraSource
+from psss_ioc.streams import bsread_wire as wire
+from psss_ioc.streams.stream import CameraSource
 
 CHANNEL = "TEST-CAM:FPICTURE"
 IMAGE = np.arange(24, dtype=np.uint16).reshape(4, 6)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import zmq
 
-from psss_ioc import bsread_wire as wire
-from psss_ioc.stream import CameraSource, Frame, OutputChannels, ResultSender
+from psss_ioc.streams import bsread_wire as wire
+from psss_ioc.streams.stream import CameraSource, Frame, OutputChannels, ResultSender
 
 CHANNEL = "TEST-CAM:FPICTURE"
 NAMES = OutputChannels.for_image(CHANNEL)

@@ -3,7 +3,7 @@
 #     psss-ioc run --st-cmd iocBoot/iocpsss/st.cmd
 #
 # psss-ioc runs this file through the EPICS iocsh before iocInit; the records themselves are
-# built from psss_ioc/pvs.py. Options given on the psss-ioc command line win over these values.
+# built from psss_ioc/ioc/pvs.py. Options given on the psss-ioc command line win over these values.
 # $(ST_DIR) is the directory of this file.
 
 # Record prefix: records are $(PSSS_PREFIX):<NAME>, iocStats under $(PSSS_PREFIX):IOC:

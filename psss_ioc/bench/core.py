@@ -34,9 +34,9 @@ from numba import njit
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from psss_ioc.bench.report import emit, median, percentile
-from psss_ioc.fit import fit_spectrum
-from psss_ioc.processing import Settings, process, spectrum
-from psss_ioc.simulate import SimConfig, SimulatedCamera
+from psss_ioc.core.fit import fit_spectrum
+from psss_ioc.core.processing import Settings, process, spectrum
+from psss_ioc.streams.simulate import SimConfig, SimulatedCamera
 
 SIZES = ((2016, 2560), (2160, 2560))
 ROI_ROWS = {"full": None, "roi700": 700, "roi300": 300}

@@ -46,11 +46,11 @@ from typing import Any
 import click
 import zmq
 
-from psss_ioc import pvs
 from psss_ioc.bench.report import emit
-from psss_ioc.bsread_wire import BSLZ4
-from psss_ioc.commands import free_port, ioc_command, loopback_epics_env, stop_process
-from psss_ioc.simulate import SimConfig, SimulatedCamera, SimulatorProcess
+from psss_ioc.cli.commands import free_port, ioc_command, loopback_epics_env, stop_process
+from psss_ioc.ioc import pvs
+from psss_ioc.streams.bsread_wire import BSLZ4
+from psss_ioc.streams.simulate import SimConfig, SimulatedCamera, SimulatorProcess
 
 PREFIX = "BENCH-PSSS"
 SEED = 0  # the simulated camera's (its dark frame is written with the same)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from psss_ioc import pvs
+from psss_ioc.ioc import pvs
 
 GARBAGE = b"\x00\xff not a bsread message"
 
@@ -27,7 +27,7 @@ class FaultInjector:
     def __init__(self, prefix: str, rest_port: int, shape: tuple[int, int]) -> None:
         import epics  # this process is a plain CA client of the IOC subprocess
 
-        from psss_ioc.client import PsssProcessingClient
+        from psss_ioc.rest.client import PsssProcessingClient
 
         self._pv = {pv.name: epics.PV(pvs.full_name(prefix, pv))
                     for pv in (pvs.SPC_ROI_YMIN, pvs.SPC_ROI_YMAX, pvs.AVG_N, pvs.FIT_MIN_SNR)}

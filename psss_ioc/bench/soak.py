@@ -44,7 +44,7 @@ zero-copy, so it holds the received buffer until sent). It is bounded by about (
 frames, and in practice a few frames, reached in the first seconds: a step of 10 to 40 MB
 after ``rss_start`` at 30 Hz, then flat; a backlog shows as a swing that comes back. With
 real-time priority available (root, or an rtprio limit) iocInit locks all memory (EPICS
-``epicsThreadRealtimeLock``: ``mlockall``); the IOC releases that lock (`psss_ioc.memory`).
+``epicsThreadRealtimeLock``: ``mlockall``); the IOC releases that lock (`psss_ioc.ioc.memory`).
 Kept (``PSSS_KEEP_MLOCK=1``), memory freed inside an arena stays resident and the RSS
 ratchets up to the largest backlog ever seen.
 A slope near 0 after the warm-up with end close to warm is warm-up; a leak shows as a slope
@@ -62,7 +62,6 @@ from typing import Any
 
 import click
 
-from psss_ioc import pvs
 from psss_ioc.bench.e2e import (
     PREFIX,
     RunningIoc,
@@ -72,9 +71,10 @@ from psss_ioc.bench.e2e import (
 )
 from psss_ioc.bench.faults import FaultInjector
 from psss_ioc.bench.report import emit, median, percentile
-from psss_ioc.commands import free_port
-from psss_ioc.memory import memory_kb
-from psss_ioc.simulate import SimulatorProcess
+from psss_ioc.cli.commands import free_port
+from psss_ioc.ioc import pvs
+from psss_ioc.ioc.memory import memory_kb
+from psss_ioc.streams.simulate import SimulatorProcess
 
 _SENT = re.compile(r"sent (\d+) frames.*dropped (\d+)", re.S)
 

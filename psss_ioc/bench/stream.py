@@ -28,10 +28,10 @@ import click
 import numpy as np
 import zmq
 
-from psss_ioc import bsread_wire as wire
 from psss_ioc.bench.report import emit, median
-from psss_ioc.simulate import SimConfig, SimulatedCamera, SimulatorProcess
-from psss_ioc.stream import CameraSource, image_channel_for
+from psss_ioc.streams import bsread_wire as wire
+from psss_ioc.streams.simulate import SimConfig, SimulatedCamera, SimulatorProcess
+from psss_ioc.streams.stream import CameraSource, image_channel_for
 
 PREFIX = "BENCH-PSSS"
 QUEUE_SIZE = 20  # receive high-water mark, the same for both loops

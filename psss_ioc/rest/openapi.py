@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from psss_ioc.parameters import MAX_EXTRA_KEYS, MAX_KEY_LENGTH, MAX_STRING_LENGTH
-from psss_ioc.rest import (
+from psss_ioc.ioc.parameters import MAX_EXTRA_KEYS, MAX_KEY_LENGTH, MAX_STRING_LENGTH
+from psss_ioc.rest.server import (
     DEFAULT_PORT,
     IDLE_TIMEOUT,
     MAX_BODY_BYTES,

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import click
 
-from psss_ioc import pvs
-from psss_ioc.generated import write_or_check
+from psss_ioc.generate.generated import write_or_check
+from psss_ioc.ioc import pvs
 
-README_PATH = Path(__file__).resolve().parent.parent / "README.md"
+README_PATH = Path(__file__).resolve().parents[2] / "README.md"
 HELP_WIDTH = 78  # click wraps at the terminal width less 2 (80 columns: 78)
 
 
 def help_text(*path: str) -> str:
     """The ``--help`` text of ``psss-ioc <path...>`` (or of ``psss_processing`` when `path` is
     ``("psss_processing",)``), exactly as the console script prints it at 80 columns."""
-    from psss_ioc.cli import main
-    from psss_ioc.commands import legacy_main
+    from psss_ioc.cli.commands import legacy_main
+    from psss_ioc.cli.main import main
 
     if path == ("psss_processing",):
         ctx = click.Context(legacy_main, info_name="psss_processing",

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numba import njit
 
-from psss_ioc.fit import (
+from psss_ioc.core.fit import (
     DEFAULT_MAX_ITERATIONS,
     DEFAULT_MIN_SNR,
     FWHM_PER_SIGMA,

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from psss_ioc import pvs
+from psss_ioc.ioc import pvs
 
 DEFAULT_PREFIX = "SARFE10-PSSS059"
 DEFAULT_OUTPUT_PORT = 8889

@@ -4,7 +4,7 @@
 receive timeout) with our own message handler: psi-bsread's default handler raises on a main
 header without ``pulse_id`` (Java senders omit a pulse id of 0), swallows decode errors into
 None values and decodes every channel. Ours collects the frames of one message and decodes only
-the image channel with `psss_ioc.bsread_wire`, classifying every bad message.
+the image channel with `psss_ioc.streams.bsread_wire`, classifying every bad message.
 
 `ResultSender` binds its own ZeroMQ socket and writes pre-encoded messages with
 `bsread_wire.MessageWriter`: psi-bsread's `Sender(block=False)` silently drops messages it
@@ -27,8 +27,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from psss_ioc import bsread_wire as wire
-from psss_ioc.ioc_config import (
+from psss_ioc.ioc.config import (
     DEFAULT_MAX_IMAGE_MB,
     DEFAULT_OUTPUT_PORT,
     DEFAULT_PREFIX,
@@ -38,6 +37,7 @@ from psss_ioc.ioc_config import (
     image_channel_for,
 )
 from psss_ioc.ratelimit import RateLimitedLog
+from psss_ioc.streams import bsread_wire as wire
 
 log = logging.getLogger(__name__)
 

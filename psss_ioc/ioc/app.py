@@ -32,10 +32,11 @@ import numpy as np
 from epicscorelibs.ca.dbr import ca_timestamp
 from softioc import alarm, asyncio_dispatcher, builder, softioc
 
-from psss_ioc import access, memory, processing, pvs, record_writer
-from psss_ioc import background as bgfile
-from psss_ioc.control import WHOLE_IMAGE, RoiControl, RoiOutcome, roi_setting
-from psss_ioc.ioc_config import (
+from psss_ioc.core import background as bgfile
+from psss_ioc.core import processing
+from psss_ioc.core.processing import AveragedResult, FrameMismatchError, Result, Settings
+from psss_ioc.ioc import access, memory, pvs, record_writer
+from psss_ioc.ioc.config import (
     ENV_AUTOSAVE_DIR,
     ENV_INPUT_MODE,
     ENV_INPUT_STREAM,
@@ -50,8 +51,12 @@ from psss_ioc.ioc_config import (
     autosave_dir_of,
     prefix_problem,
 )
-from psss_ioc.parameters import LegacyParameters
-from psss_ioc.pipeline import (
+from psss_ioc.ioc.control import WHOLE_IMAGE, RoiControl, RoiOutcome, roi_setting
+from psss_ioc.ioc.parameters import LegacyParameters
+from psss_ioc.ioc.pvs import PV, AutosaveState, BackgroundState, Kind, SettingState, State
+from psss_ioc.ioc.record_writer import FrameChainWriter
+from psss_ioc.ioc.settings_file import SettingsFile
+from psss_ioc.pipeline.worker import (
     BAD_IMAGE,
     MISSING_CHANNEL,
     FrameLike,
@@ -61,11 +66,7 @@ from psss_ioc.pipeline import (
     SourceFault,
     Statistics,
 )
-from psss_ioc.processing import AveragedResult, FrameMismatchError, Result, Settings
-from psss_ioc.pvs import PV, AutosaveState, BackgroundState, Kind, SettingState, State
 from psss_ioc.ratelimit import RateLimitedLog
-from psss_ioc.record_writer import FrameChainWriter
-from psss_ioc.settings_file import SettingsFile
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ def write_database(path: Path, prefix: str = "$(P)") -> None:
     builder.SetDeviceName(prefix)
     records = {pv.name: build_record(pv, prefix) for pv in pvs.TABLE}
     add_pva_group(records, prefix)
-    for pv in pvs.AUTOSAVED:  # saved by psss_ioc.settings_file; the info tag tells the reader
+    for pv in pvs.AUTOSAVED:  # saved by psss_ioc.ioc.settings_file; the info tag tells the reader
         records[pv.name].add_info("autosaveFields", "VAL")
     builder.WriteRecords(str(path))
 
@@ -532,7 +533,7 @@ class PsssIoc:
 
     def _validate_input_stream(self, record: Any, value: str) -> bool:
         """A malformed address is refused (the stream in use stays); empty means no input."""
-        from psss_ioc.stream import parse_address
+        from psss_ioc.streams.stream import parse_address
 
         if value.strip():
             try:
@@ -783,7 +784,7 @@ def put_string_field(name: str, value: str) -> None:
     into the IOC's output at every start."""
     from epicscorelibs.ioc import dbCore
 
-    from psss_ioc.record_writer import FieldAddress
+    from psss_ioc.ioc.record_writer import FieldAddress
 
     put = dbCore.dbPutField
     put.argtypes = [ctypes.c_void_p, ctypes.c_short, ctypes.c_void_p, ctypes.c_long]
@@ -828,7 +829,7 @@ def _source_fault(source: Any) -> SourceFault | None:
 
 def default_source_factory(config: IocConfig) -> SourceFactory:
     def factory(address: str, mode: str) -> Any:
-        from psss_ioc.stream import CameraSource
+        from psss_ioc.streams.stream import CameraSource
 
         source = CameraSource(address, mode=mode, image_channel=config.channel,
                               receive_timeout=config.receive_timeout,
@@ -841,7 +842,7 @@ def default_source_factory(config: IocConfig) -> SourceFactory:
 def make_sender(config: IocConfig) -> Any:
     if not config.output_port:
         return None
-    from psss_ioc.stream import ResultSender
+    from psss_ioc.streams.stream import ResultSender
 
     sender = ResultSender(config.output_port, mode=config.output_mode,
                           image_channel=config.channel, forward_image=config.forward_image,
@@ -889,7 +890,7 @@ def _serve_rest(ioc: PsssIoc) -> Any:
     """The legacy REST API when ``config.rest`` is set (aiohttp only imported then)."""
     if ioc.config.rest is None:
         return None
-    from psss_ioc import rest
+    from psss_ioc.rest import server as rest
 
     return rest.serve(ioc)
 

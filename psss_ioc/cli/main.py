@@ -8,11 +8,11 @@ import click
 
 from psss_ioc import __version__
 from psss_ioc.bench import bench
-from psss_ioc.commands import demo_command, run_command
-from psss_ioc.database import db_command
-from psss_ioc.readme import readme_command
-from psss_ioc.screens import screens_command
-from psss_ioc.simulate import simulate
+from psss_ioc.cli.commands import demo_command, run_command
+from psss_ioc.generate.database import db_command
+from psss_ioc.generate.readme import readme_command
+from psss_ioc.generate.screens import screens_command
+from psss_ioc.streams.simulate import simulate
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 

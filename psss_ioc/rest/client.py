@@ -2,7 +2,7 @@
 
 Same methods and return values as the legacy client, so scripts only change their import::
 
-    from psss_ioc import PsssProcessingClient   # was: from psss_processing import ...
+    from psss_ioc import PsssProcessingClient  # was: from psss_processing import ...
 
 Improvements: every request has a timeout; an error reply (any HTTP code) raises
 ``ValueError(reason)`` as before, also when the reply is not JSON; large background arrays

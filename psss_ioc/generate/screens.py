@@ -28,12 +28,12 @@ from pathlib import Path
 
 import click
 
-from psss_ioc import pvs
-from psss_ioc.generated import write_or_check
-from psss_ioc.ioc_config import DEFAULT_PREFIX
-from psss_ioc.pvs import PV, Kind
+from psss_ioc.generate.generated import write_or_check
+from psss_ioc.ioc import pvs
+from psss_ioc.ioc.config import DEFAULT_PREFIX
+from psss_ioc.ioc.pvs import PV, Kind
 
-SCREEN_PATH = Path(__file__).parent / "opi" / "psss.bob"
+SCREEN_PATH = Path(__file__).resolve().parents[1] / "opi" / "psss.bob"
 MACRO = "P"
 PREFIX = f"$({MACRO})"
 

@@ -205,7 +205,7 @@ FIT_ENABLE = PV("FIT_ENABLE", Kind.BOOL_OUT, "Gaussian fit on/off",
 FIT_MIN_SNR = PV("FIT_MIN_SNR", Kind.AO, "Least peak/noise ratio to fit", egu="ratio",
                  prec=1, low=0, high=1e6, initial=3.0, autosave=True)
 # Keys REST clients add to the parameters (tags shown in processing_parameters), a JSON object
-# (psss_ioc.parameters: at most 32 keys; scalars, strings up to 256 characters).
+# (psss_ioc.ioc.parameters: at most 32 keys; scalars, strings up to 256 characters).
 PARAMETERS_EXTRA = PV("PARAMETERS_EXTRA", Kind.LONG_STRING_OUT, "Extra REST parameters (JSON)",
                       nelm=EXTRA_LENGTH, initial="", autosave=True)
 

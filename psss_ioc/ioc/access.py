@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from psss_ioc import pvs
+from psss_ioc.ioc import pvs
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from psss_ioc.processing import (
+from psss_ioc.core.processing import (
     AveragedResult,
     FrameMismatchError,
     Result,
@@ -40,7 +40,7 @@ from psss_ioc.processing import (
     process,
     roi_rows,
 )
-from psss_ioc.pvs import State
+from psss_ioc.ioc.pvs import State
 from psss_ioc.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)

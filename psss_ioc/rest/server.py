@@ -44,11 +44,12 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from psss_ioc import access, pvs
-from psss_ioc import background as bgfile
-from psss_ioc.control import roi_limit_problem, roi_pair_problem, roi_setting
-from psss_ioc.ioc_config import default_background_dir
-from psss_ioc.parameters import (
+from psss_ioc.core import background as bgfile
+from psss_ioc.core.processing import FrameMismatchError, Settings
+from psss_ioc.ioc import access, pvs
+from psss_ioc.ioc.config import default_background_dir
+from psss_ioc.ioc.control import roi_limit_problem, roi_pair_problem, roi_setting
+from psss_ioc.ioc.parameters import (
     BACKGROUND_FILE,
     KNOWN,
     SETTABLE,
@@ -56,8 +57,7 @@ from psss_ioc.parameters import (
     dump_extra,
     merged_extra,
 )
-from psss_ioc.processing import FrameMismatchError, Settings
-from psss_ioc.pvs import BackgroundState, State
+from psss_ioc.ioc.pvs import BackgroundState, State
 from psss_ioc.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ CORS_HEADERS = {
                                     "X-CSRF-Token, Authorization",
 }
 # Settings POST /parameters sets; GET /parameters also shows background_file and the extra keys
-# clients added (psss_ioc.parameters).
+# clients added (psss_ioc.ioc.parameters).
 PARAMETERS = SETTABLE
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -605,7 +605,7 @@ class RestApi:
         return reply(self.c.status(), statistics=self.c.statistics())
 
     async def openapi(self, request: web.Request) -> web.Response:
-        from psss_ioc.rest_openapi import OPENAPI
+        from psss_ioc.rest.openapi import OPENAPI
 
         return web.json_response(OPENAPI, headers=CORS_HEADERS)
 
@@ -654,7 +654,7 @@ class RestApi:
 
     async def _apply_parameters(self, p: dict[str, Any]) -> None:
         """Check everything before changing anything, then apply in a fixed order. Keys the
-        IOC does not know are kept as extra parameters (psss_ioc.parameters)."""
+        IOC does not know are kept as extra parameters (psss_ioc.ioc.parameters)."""
         if "roi" in p:
             self.c.check_roi(p["roi"])
         path = self.c.background_to_load(p["background"]) if "background" in p else None

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from psss_ioc.pvs import AutosaveState
+from psss_ioc.ioc.pvs import AutosaveState
 
 log = logging.getLogger(__name__)
 

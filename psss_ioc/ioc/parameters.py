@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from psss_ioc import pvs
+from psss_ioc.ioc import pvs
 
 # The settings a client may set (GET returns them too); background_file is shown, read-only.
 SETTABLE = ("background", "roi", "average_n", "fit_enabled", "min_snr")

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from psss_ioc.processing import roi_rows
+from psss_ioc.core.processing import roi_rows
 
 ROI_LIMIT_MAX = 65535  # a limit record takes 0..65535 (EPICS longout, any camera height)
 WHOLE_IMAGE = (0, 0)

@@ -37,11 +37,11 @@ from typing import IO, Any
 import click
 import numpy as np
 
-from psss_ioc import background
-from psss_ioc import bsread_wire as wire
-from psss_ioc.fit import FWHM_PER_SIGMA
-from psss_ioc.ioc_config import DEFAULT_PREFIX, image_channel_for
-from psss_ioc.stream import SENDER_MODES, BoundSocket, SendStatus
+from psss_ioc.core import background
+from psss_ioc.core.fit import FWHM_PER_SIGMA
+from psss_ioc.ioc.config import DEFAULT_PREFIX, image_channel_for
+from psss_ioc.streams import bsread_wire as wire
+from psss_ioc.streams.stream import SENDER_MODES, BoundSocket, SendStatus
 
 DTYPES = ("uint16", "uint32", "int32", "float32", "float64")
 DEFAULT_PORT = 9999
@@ -287,13 +287,13 @@ _ENDPOINT = re.compile(rb"on (tcp://\S+):(\d+)")
 
 
 class SimulatorProcess:
-    """``python -m psss_ioc.simulate ARGS`` on `port` of `host` (0: a free one); stop() or use
-    `with`."""
+    """``python -m psss_ioc.streams.simulate ARGS`` on `port` of `host` (0: a free one);
+    stop() or use `with`."""
 
     def __init__(self, args: Sequence[str], host: str = "127.0.0.1",
                  ready_timeout: float = 60.0, port: int = 0) -> None:
-        cmd = [sys.executable, "-m", "psss_ioc.simulate", "--host", host, "--port", str(port),
-               *args]
+        cmd = [sys.executable, "-m", "psss_ioc.streams.simulate", "--host", host,
+               "--port", str(port), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
         try:
             line = self._read_line(ready_timeout)

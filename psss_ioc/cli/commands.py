@@ -18,8 +18,8 @@ from typing import IO, Any
 import click
 import numpy as np
 
-from psss_ioc import pvs
-from psss_ioc.ioc_config import (
+from psss_ioc.ioc import pvs
+from psss_ioc.ioc.config import (
     DEFAULT_IMAGE_PORT,
     DEFAULT_MAX_IMAGE_MB,
     DEFAULT_OUTPUT_PORT,
@@ -122,7 +122,7 @@ def run_command(ctx: click.Context, **options: Any) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from psss_ioc import ioc
+    from psss_ioc.ioc import app as ioc
 
     config = IocConfig(
         prefix=options["prefix"],
@@ -180,7 +180,7 @@ def free_port(pair: bool = False) -> int:
 
 def ioc_command(input_stream: str, prefix: str, *options: str) -> list[str]:
     """The command line that runs the IOC in a subprocess (used by demo and benchmarks)."""
-    return [sys.executable, "-c", "from psss_ioc.commands import run_command; run_command()",
+    return [sys.executable, "-c", "from psss_ioc.cli.commands import run_command; run_command()",
             input_stream, "--prefix", prefix, *options]
 
 
@@ -497,7 +497,7 @@ def _run_demo(console: _Console, children: _Children, log: IO[bytes], log_path: 
               workdir: Path, env: dict[str, str], prefix: str, rate: float, height: int,
               width: int, ca_port: int, pva_port: int, rest_port: int,
               duration: float) -> None:
-    from psss_ioc.simulate import SimulatorProcess
+    from psss_ioc.streams.simulate import SimulatorProcess
 
     _start_ca_repeater(ca_port + 1, env, children)
     import epics  # the demo's own process is a plain CA client of the IOC subprocess
@@ -581,7 +581,7 @@ def legacy_main(input_stream: str, prefix: str, image_channel: str | None,
     """psss_processing INPUT_STREAM: the legacy command line, served by the new IOC."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from psss_ioc import ioc
+    from psss_ioc.ioc import app as ioc
 
     if (ymin_pv is None) != (ymax_pv is None):
         raise click.UsageError("--ymin_pv and --ymax_pv go together")

@@ -1,0 +1,1 @@
+"""The command line: `psss-ioc`, `psss_processing`, the demo."""

@@ -1,0 +1,1 @@
+"""The worker thread that turns frames into results; knows nothing of EPICS."""

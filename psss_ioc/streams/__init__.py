@@ -1,0 +1,2 @@
+"""bsread streams over ZeroMQ: the wire format, the camera source, the output stream and the
+simulated camera."""
