@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Any
 
+from psss_ioc.pipeline.state import State
+
 
 class Kind(Enum):
     """Record kinds, named after the softioc builder function that makes them."""
@@ -111,17 +113,6 @@ class PV:
                 raise ValueError(f"{self.name}: bad alarm {limit} {severity}")
             if self.kind not in (Kind.AI, Kind.LONG_IN, Kind.INT64_IN):
                 raise ValueError(f"{self.name}: limit alarms on ai/longin/int64in only")
-
-
-class State(IntEnum):
-    """Processing state, the values of STATUS."""
-
-    STOPPED = 0
-    WAITING = 1
-    PROCESSING = 2
-    ERROR = 3
-    NO_IMAGE_CHANNEL = 4  # messages arrive, but without the image channel
-    BAD_IMAGE = 5  # frames arrive, but none can be processed (1-D, unsupported type, ...)
 
 
 STATE_LABELS = {

@@ -40,7 +40,17 @@ from psss_ioc.core.processing import (
     process,
     roi_rows,
 )
-from psss_ioc.ioc.pvs import State
+from psss_ioc.pipeline.source import (
+    BAD_IMAGE,
+    FAULT_STATES,
+    MISSING_CHANNEL,
+    FrameLike,
+    FrameSource,
+    PartialImage,
+    SourceFactory,
+    SourceFault,
+)
+from psss_ioc.pipeline.state import State
 from psss_ioc.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -55,62 +65,12 @@ MISMATCH_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-class FrameLike(Protocol):
-    pulse_id: int
-    timestamp: tuple[int, int]
-    image: np.ndarray
-
-
-class PartialImage(Protocol):
-    """An image decoded on request (a compressed camera frame's `lazy_image`, which the
-    pipeline finds on a frame instead of reading its `image`): only the rows processed are
-    decoded (`Pipeline._process`)."""
-
-    shape: tuple[int, ...]
-    ndim: int
-    dtype: np.dtype
-
-    def rows(self, ymin: int, ymax: int) -> np.ndarray | None:
-        """The image, of its full shape, with rows [ymin, ymax) decoded (the others hold
-        anything); None when they cannot be decoded (its source counted that)."""
-        ...
-
-
-class FrameSource(Protocol):
-    def receive(self) -> FrameLike | None: ...
-
-    def close(self) -> None: ...
-
-
-class ResultSink(Protocol):
-    def send(self, frame: Any, result: Result, parameters: dict[str, Any]) -> bool: ...
-
-
-SourceFactory = Callable[[str, str], FrameSource]
-
 # The largest pulse id gap counted as lost frames: a day at SwissFEL's 100 Hz. A larger jump
 # (or one backwards) is a camera restart or a corrupt message, not lost frames.
 MAX_PULSE_GAP = 100 * 86_400
 
-# SourceFault kinds
-MISSING_CHANNEL = "missing_channel"
-BAD_IMAGE = "bad_image"
-FAULT_STATES = {MISSING_CHANNEL: State.NO_IMAGE_CHANNEL, BAD_IMAGE: State.BAD_IMAGE}
-
-
-@dataclass(frozen=True)
-class SourceFault:
-    """Input that arrives but gives no spectrum, for a reason the operator has to fix: the
-    messages lack the image channel (MISSING_CHANNEL; `channels_seen`: the image-like channels
-    they carry) or their image cannot be processed (BAD_IMAGE; `reason`). Reported by the
-    source (`source_fault`) or found by the pipeline itself; the pipeline decides the state."""
-
-    kind: str
-    time: float  # time.monotonic() of the last message or frame showing it
-    channel: str = ""  # the image channel expected
-    channels_seen: tuple[str, ...] = ()
-    n_channels: int = 0  # channels in the last message without the image channel, all kinds
-    reason: str = ""
+class ResultSink(Protocol):
+    def send(self, frame: Any, result: Result, parameters: dict[str, Any]) -> bool: ...
 
 
 class Publisher(Protocol):
