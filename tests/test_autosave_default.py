@@ -11,9 +11,9 @@ import pytest
 from iochelpers import EPICS_ENV, LEGACY, IocProcess, wait_until
 
 from psss_ioc.cli.commands import free_port
+from psss_ioc.core import background
 from psss_ioc.ioc import pvs
 from psss_ioc.ioc.config import IocConfig, autosave_dir_of, default_autosave_dir
-from psss_ioc.rest import server as rest
 from psss_ioc.rest.client import PsssProcessingClient
 
 DARK = np.arange(40 * 32, dtype=np.uint16).reshape(40, 32) % 7 + 100
@@ -108,13 +108,13 @@ def test_no_autosave_saves_nothing(tmp_path: Path) -> None:
 
 
 def test_old_uploads_are_pruned_but_the_one_in_use(tmp_path: Path) -> None:
-    paths = [rest.write_background(tmp_path, f"dark{i}.h5", DARK) for i in range(14)]
+    paths = [background.write_background(tmp_path, f"dark{i}.h5", DARK) for i in range(14)]
     for i, path in enumerate(paths):  # distinct ages, oldest first
         os.utime(path, (1_000_000 + i, 1_000_000 + i))
     mine = tmp_path / "operators_own_file.h5"
     mine.write_bytes(b"not an upload")
     os.utime(mine, (1, 1))
-    removed = rest.prune_uploads(tmp_path, in_use=str(paths[0]))
+    removed = background.prune_uploads(tmp_path, in_use=str(paths[0]))
     assert sorted(removed) == sorted(paths[1:4])
     assert paths[0].exists() and mine.exists()
     assert all(p.exists() for p in paths[4:])

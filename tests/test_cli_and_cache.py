@@ -60,7 +60,8 @@ _PROBE = """
 import json
 from psss_ioc.core import fit, processing
 processing.warm_up()
-kernels = [processing._sum_rows_int, processing._spectrum_and_fit_u16, fit.analyse]
+kernels = [processing._sum_rows, processing._sum_rows_minus_compact_background,
+           fit.analyse_on_axis, fit.analyse]
 print(json.dumps({k.__name__: [sum(k.stats.cache_hits.values()),
                                sum(k.stats.cache_misses.values())] for k in kernels}))
 """

@@ -21,6 +21,7 @@ from test_pipeline import FakeSource, Recorder, wait_until
 
 from psss_ioc.core.processing import Settings, process
 from psss_ioc.ioc.pvs import State
+from psss_ioc.pipeline.source import BAD_IMAGE
 from psss_ioc.pipeline.worker import Pipeline
 from psss_ioc.streams import bsread_wire as wire
 from psss_ioc.streams.simulate import SimConfig, SimulatedCamera
@@ -244,9 +245,10 @@ def test_a_decompression_bomb_is_refused_before_it_is_decompressed() -> None:
     assert cam.decode(parts) is None
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 100_000
     c = cam.counters
-    assert c.malformed[wire.TOO_LARGE] == 1 and c.as_dict()["malformed_too_large"] == 1
+    assert c.malformed[wire.TOO_LARGE] == 1 and cam.errors() == {"malformed_too_large": 1}
     assert "1073.7 MB exceeds the 64.0 MB allowed" in c.bad_image
-    assert c.bad_image_time is not None
+    fault = cam.fault()
+    assert fault is not None and fault.kind == BAD_IMAGE and fault.reason == c.bad_image
     # lz4 and uncompressed values are held to the same cap
     small = CameraSource("tcp://127.0.0.1:1", image_channel=CHANNEL, max_image_bytes=1000)
     lz4_value = (2**30).to_bytes(4, "little") + b"\x00" * 64

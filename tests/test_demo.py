@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from iochelpers import EPICS_ENV, IocProcess, caget, free_port_pair, wait_until
 
-from psss_ioc.cli.commands import free_port
 from psss_ioc.ioc import pvs
+from psss_ioc.processes import free_port
 
 PSSS_IOC = Path(sys.executable).parent / "psss-ioc"
 LIVE = re.compile(r"^Processing +[\d.]+ Hz +pulse \d+ +centre +[\d.]+ eV .*fit OK",

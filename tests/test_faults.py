@@ -26,8 +26,8 @@ import requests
 import zmq
 from iochelpers import EPICS_ENV, IocProcess, caget, wait_until
 
-from psss_ioc.cli.commands import free_port
 from psss_ioc.ioc import pvs
+from psss_ioc.processes import free_port
 from psss_ioc.streams import bsread_wire as wire
 from psss_ioc.streams.simulate import SimConfig, SimulatedCamera
 

@@ -260,7 +260,7 @@ def test_camera_source_tells_which_image_like_channels_a_message_has() -> None:
         wire.ChannelSpec.for_array("SOME:FRAME", image.astype(np.float32)),  # 2-D numeric
     ]
     source = CameraSource("tcp://127.0.0.1:1", image_channel="MY-CAM:FPICTURE")
-    assert ioc._source_fault(source) is None
+    assert source.fault() is None
     before = time.monotonic()
     for pulse_id in (1, 2, 3):
         assert source.decode(_message(pulse_id, specs, [image, 1.0, image[0],
@@ -270,8 +270,8 @@ def test_camera_source_tells_which_image_like_channels_a_message_has() -> None:
     assert c.missing_channel_seen == ("OTHER-CAM:FPICTURE", "SOME:FRAME")
     assert c.missing_channel_n_channels == 4
     assert c.missing_channel_time is not None and c.missing_channel_time >= before
-    assert all(isinstance(v, int) for v in c.as_dict().values())  # the counters stay counters
-    fault = ioc._source_fault(source)
+    assert all(isinstance(v, int) for v in source.errors().values())  # the counters stay counters
+    fault = source.fault()
     assert fault == SourceFault(MISSING_CHANNEL, c.missing_channel_time,
                                 channel="MY-CAM:FPICTURE",
                                 channels_seen=("OTHER-CAM:FPICTURE", "SOME:FRAME"), n_channels=4)
@@ -280,7 +280,7 @@ def test_camera_source_tells_which_image_like_channels_a_message_has() -> None:
     spec = wire.ChannelSpec("MY-CAM:FPICTURE", "string", None)
     assert source.decode(_message(4, [spec], ["not an image"])) is None
     assert c.malformed[wire.UNKNOWN_TYPE] == 1
-    fault = ioc._source_fault(source)
+    fault = source.fault()
     assert fault is not None and fault.kind == BAD_IMAGE
     assert "'string'" in fault.reason and "MY-CAM:FPICTURE" in fault.reason
 

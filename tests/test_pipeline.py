@@ -184,8 +184,8 @@ def test_results_equal_process_on_the_same_frames(rig: Rig) -> None:
         assert got_frame is f
         np.testing.assert_array_equal(result.spectrum, expected.spectrum)
         assert result.roi == (10, 30)
-        assert result.fit_status == expected.fit_status
-        np.testing.assert_allclose(result.center, expected.center)
+        assert result.fit.status == expected.fit.status
+        np.testing.assert_allclose(result.fit.center, expected.fit.center)
     # the running average over the three spectra
     mean = np.mean([process(f.image, settings).spectrum for f in frames], axis=0)
     np.testing.assert_allclose(rig.recorder.results[-1][2].spectrum, mean)
@@ -220,7 +220,7 @@ def test_roi_beyond_image_keeps_last_good_roi(rig: Rig) -> None:
     assert kind == "roi" and str(H) in message and in_force.roi == (10, 20)
     assert "using rows [10, 20)" in message
     assert p.settings.roi == (10, H + 5)  # still requested: in force when the frames fit it
-    assert p.settings_in_force.roi == (10, 20)
+    assert rig.recorder.results[-1][1].roi == (10, 20)  # the settings in force
     # another bad ROI: still the last good one
     p.configure(roi=(0, H + 1))
     rig.feed(frame(4))
@@ -297,7 +297,7 @@ def test_background_of_wrong_shape_keeps_previous(rig: Rig) -> None:
     expected = process(f.image, Settings(background=good, background_name="good.h5"))
     np.testing.assert_array_equal(rig.recorder.results[-1][1].spectrum, expected.spectrum)
     assert rig.recorder.rejected[0][0] == "background_shape"
-    assert p.settings_in_force.background_name == "good.h5"
+    assert rig.recorder.rejected[0][2].background_name == "good.h5"  # in force
 
 
 def test_axis_of_wrong_length_keeps_previous(rig: Rig) -> None:
@@ -434,7 +434,7 @@ def test_settings_swap_is_atomic_under_concurrent_configure(rig: Rig) -> None:
         t.join()
     for _, result, _ in rig.recorder.results:
         # fit on <=> roi (0, 10): a mixed pair would mean a half-applied update
-        assert (result.roi == (0, 10)) == (result.fit_status.name != "DISABLED")
+        assert (result.roi == (0, 10)) == (result.fit.status.name != "DISABLED")
 
 
 

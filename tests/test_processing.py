@@ -125,9 +125,9 @@ def test_nan_pixel_propagates_and_fit_reports_invalid_input():
     result = process(image, Settings())
     assert np.isnan(result.spectrum[7])
     assert np.isfinite(np.delete(result.spectrum, 7)).all()
-    assert result.fit_status is FitStatus.INVALID_INPUT
-    assert "non-finite" in result.fit_reason
-    assert np.isnan(result.center) and np.isnan(result.fwhm)
+    assert result.fit.status is FitStatus.INVALID_INPUT
+    assert "non-finite" in result.fit.reason
+    assert np.isnan(result.fit.center) and np.isnan(result.fit.fwhm)
 
 
 # --- Settings validation ---------------------------------------------------------------
@@ -225,29 +225,29 @@ def test_process_finds_the_line_with_background_and_axis():
     background = np.full(image.shape, 100.0)
     axis = np.linspace(9000.0, 9399.0, 400)  # 1 eV per column
     result = process(image, Settings(roi=(8, 20), background=background, axis=axis))
-    assert result.fit_status is FitStatus.OK, result.fit_reason
-    assert result.center == pytest.approx(9180.0, rel=1e-9)
-    assert result.fwhm == pytest.approx(12.0 * 2.354820045, rel=1e-6)
-    assert result.amplitude == pytest.approx(12 * 500, rel=1e-6)
-    assert result.offset == pytest.approx(0.0, abs=1e-6)
-    assert result.com == pytest.approx(9180.0, abs=0.5)
+    assert result.fit.status is FitStatus.OK, result.fit.reason
+    assert result.fit.center == pytest.approx(9180.0, rel=1e-9)
+    assert result.fit.fwhm == pytest.approx(12.0 * 2.354820045, rel=1e-6)
+    assert result.fit.amplitude == pytest.approx(12 * 500, rel=1e-6)
+    assert result.fit.offset == pytest.approx(0.0, abs=1e-6)
+    assert result.fit.com == pytest.approx(9180.0, abs=0.5)
     assert result.roi == (8, 20)
-    assert result.fit_curve is not None and result.fit_curve.shape == (400,)
+    assert result.fit.curve is not None and result.fit.curve.shape == (400,)
     assert result.axis is axis or np.array_equal(result.axis, axis)
 
 
 def test_roi_outside_the_signal_rows_gives_low_signal_not_a_fake_fit():
     image = _line_image(center=180.0, sigma=12.0)
     result = process(image, Settings(roi=(25, 30)))
-    assert result.fit_status is FitStatus.LOW_SIGNAL
-    assert np.isnan(result.center)
+    assert result.fit.status is FitStatus.LOW_SIGNAL
+    assert np.isnan(result.fit.center)
 
 
 def test_fit_disabled_still_gives_spectrum_and_moments():
     result = process(_line_image(180.0, 12.0), Settings(fit_enabled=False))
-    assert result.fit_status is FitStatus.DISABLED
-    assert np.isnan(result.center)
-    assert result.com == pytest.approx(180.0, abs=0.5)
+    assert result.fit.status is FitStatus.DISABLED
+    assert np.isnan(result.fit.center)
+    assert result.fit.com == pytest.approx(180.0, abs=0.5)
 
 
 def _dark_frame(rng: np.random.Generator, shape, outliers: int = 0, pedestal: int = 100):
@@ -266,10 +266,10 @@ def _dark_frame(rng: np.random.Generator, shape, outliers: int = 0, pedestal: in
 @pytest.mark.parametrize("with_axis", [False, True])
 @pytest.mark.parametrize("fit_enabled", [True, False])
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_camera_frames_take_one_compiled_call_with_the_same_results(
+def test_camera_frames_give_the_results_of_spectrum_then_fit(
     roi, with_axis, fit_enabled, contiguous
 ):
-    """uint16 frame and a dark frame (one compiled call) = spectrum() then fit_spectrum()."""
+    """uint16 frame and a dark frame: process() = spectrum() then fit_spectrum()."""
     rng = np.random.default_rng(5)
     line = _line_image(180.0, 12.0, rows=(0, 32)) * 40
     frame = rng.poisson(line + 100).astype(np.uint16)
@@ -290,21 +290,23 @@ def test_camera_frames_take_one_compiled_call_with_the_same_results(
     ]
     assert np.array_equal(result.spectrum, expected)
     fit = fit_spectrum(result.axis, expected, enabled=fit_enabled)
-    assert result.fit_status is fit.status and result.fit_reason == fit.reason
+    assert result.fit.status is fit.status and result.fit.reason == fit.reason
     # The same code compiled into two callers: numba inlines it, and the sums' reassociation
     # (fastmath, what vectorises them) may then round differently in the last bits, so the LM
     # may stop one step apart. Its stop (chi2 to 1.5e-8, MINPACK's) leaves the width to
     # ~1e-4 relative on these noisy lines: far inside the fit's statistical error.
     for name in ("center", "fwhm", "amplitude", "offset", "chi2_reduced"):
-        np.testing.assert_allclose(getattr(result, name), getattr(fit, name), 1e-3, err_msg=name)
+        np.testing.assert_allclose(getattr(result.fit, name), getattr(fit, name), 1e-3,
+                                   err_msg=name)
     for name in ("com", "rms"):
-        np.testing.assert_allclose(getattr(result, name), getattr(fit, name), 1e-12, err_msg=name)
+        np.testing.assert_allclose(getattr(result.fit, name), getattr(fit, name), 1e-12,
+                                   err_msg=name)
     if fit.curve is None:
-        assert result.fit_curve is None
+        assert result.fit.curve is None
     else:
-        np.testing.assert_allclose(result.fit_curve, fit.curve, 0, atol=1e-3 * fit.amplitude)
+        np.testing.assert_allclose(result.fit.curve, fit.curve, 0, atol=1e-3 * fit.amplitude)
     if fit_enabled and roi in (None, (10, 25)):
-        assert result.fit_ok, result.fit_reason
+        assert result.fit.ok, result.fit.reason
 
 
 def test_compact_background_holds_the_dark_frame_exactly():
@@ -344,6 +346,22 @@ def test_settings_made_from_settings_share_the_compact_background():
     del first, second, compact
     gc.collect()
     assert key not in processing._COMPACTED  # goes with its background
+
+
+def test_a_dark_frame_that_does_not_compact_is_read_as_it_is_and_not_kept_alive():
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(6)
+    frame = rng.poisson(300, (20, 64)).astype(np.uint16)
+    settings = Settings(background=rng.integers(0, 5000, frame.shape, dtype=np.uint16))
+    held = settings.plan_for(frame.shape, frame.dtype).compact_background
+    assert held is not None and held.base == 0 and held.offsets is settings.background
+    assert held.row_starts[-1] == 0  # no outliers
+    gone = weakref.ref(settings.background)
+    del settings, held
+    gc.collect()
+    assert gone() is None
 
 
 def test_dark_frames_that_do_not_compact_are_used_as_they_are():
@@ -400,7 +418,7 @@ def test_results_are_immutable():
             setattr(obj, name, 1)
     with pytest.raises(AttributeError):
         result.extra = 1  # type: ignore[attr-defined]
-    assert result.fit_status is FitStatus.LOW_SIGNAL and result.roi == (0, 4)
+    assert result.fit.status is FitStatus.LOW_SIGNAL and result.roi == (0, 4)
 
 
 def test_one_settings_object_keeps_checking_frames_that_differ_from_the_last():
@@ -440,9 +458,9 @@ def test_one_settings_object_keeps_checking_frames_that_differ_from_the_last():
 def test_shifting_the_line_shifts_the_centre(center, sigma, shift):
     a = process(_line_image(center, sigma), Settings(roi=(8, 20)))
     b = process(_line_image(center + shift, sigma), Settings(roi=(8, 20)))
-    assert a.fit_ok and b.fit_ok
-    assert b.center - a.center == pytest.approx(shift, abs=1e-6)
-    assert b.fwhm == pytest.approx(a.fwhm, rel=1e-6)
+    assert a.fit.ok and b.fit.ok
+    assert b.fit.center - a.fit.center == pytest.approx(shift, abs=1e-6)
+    assert b.fit.fwhm == pytest.approx(a.fit.fwhm, rel=1e-6)
 
 
 @settings(max_examples=40, deadline=None)
@@ -451,9 +469,9 @@ def test_scaling_counts_leaves_centre_and_fwhm(center, sigma, scale):
     image = _line_image(center, sigma)
     a = process(image, Settings(roi=(8, 20)))
     b = process(image * scale, Settings(roi=(8, 20)))
-    assert a.fit_ok and b.fit_ok
-    assert b.center == pytest.approx(a.center, rel=1e-9)
-    assert b.fwhm == pytest.approx(a.fwhm, rel=1e-6)
+    assert a.fit.ok and b.fit.ok
+    assert b.fit.center == pytest.approx(a.fit.center, rel=1e-9)
+    assert b.fit.fwhm == pytest.approx(a.fit.fwhm, rel=1e-6)
 
 
 @settings(max_examples=40, deadline=None)
@@ -480,8 +498,8 @@ def test_running_average_is_the_mean_of_the_last_n():
         window = [r.spectrum for r in results[max(0, k - 2) : k + 1]]
         assert averaged.count == len(window)
         np.testing.assert_array_equal(averaged.spectrum, np.mean(window, axis=0))
-    assert averaged.fit_status is FitStatus.OK
-    assert averaged.center == pytest.approx(153.0, abs=0.05)
+    assert averaged.fit.status is FitStatus.OK
+    assert averaged.fit.center == pytest.approx(153.0, abs=0.05)
 
 
 def test_running_average_restarts_on_width_change_and_rejects_bad_length():

@@ -46,13 +46,15 @@ import zmq
 from click.testing import CliRunner
 from iochelpers import BIN, EPICS_ENV, IocProcess, caget, simulator_args, wait_until
 
-from psss_ioc.cli.commands import free_port
+from psss_ioc.cli.commands import legacy_main
 from psss_ioc.cli.main import main
 from psss_ioc.generate import readme, screens
 from psss_ioc.ioc import pvs
+from psss_ioc.processes import free_port
 from psss_ioc.streams.simulate import SimulatorProcess
 
 README = readme.README_PATH
+PROGRAMS = readme.Programs(psss_ioc=main, psss_processing=legacy_main)
 REPO = README.parent
 DOCS = REPO / "docs"
 PACKAGE = REPO / "psss_ioc"
@@ -324,12 +326,13 @@ def test_commands_run_as_written(tmp_path: Path) -> None:
     with ThreadPoolExecutor(max_workers=3) as pool:
         outputs = dict(zip(commands, pool.map(lambda c: sh(c, tmp_path, env), commands),
                            strict=True))
-    assert outputs["psss-ioc run --help"] == readme.help_text("run") + "\n"
-    assert outputs["psss_processing --help"] == readme.help_text("psss_processing") + "\n"
+    assert outputs["psss-ioc run --help"] == readme.help_text(PROGRAMS, "run") + "\n"
+    assert (outputs["psss_processing --help"]
+            == readme.help_text(PROGRAMS, "psss_processing") + "\n")
     for command in commands:
         if command.endswith(" --help") and command.startswith("psss-ioc "):
             name = command.removeprefix("psss-ioc ").removesuffix("--help").split()
-            assert outputs[command] == readme.help_text(*name) + "\n", command
+            assert outputs[command] == readme.help_text(PROGRAMS, *name) + "\n", command
     # the screen the guide writes for Phoebus: the packaged one, its P macro's default changed
     output, prefix = _screens_options()
     written = (tmp_path / output).read_text(encoding="utf-8")

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from psss_ioc.cli import commands
+from psss_ioc.core import background
 from psss_ioc.ioc import app as ioc
 from psss_ioc.ioc import parameters
 from psss_ioc.ioc.config import IocConfig
@@ -143,12 +144,12 @@ def test_background_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_stored_names_are_new_and_safe(tmp_path: Path) -> None:
     image = np.arange(12, dtype=np.uint16).reshape(3, 4)
-    first = rest.write_background(tmp_path, "../../etc/dark frame.h5", image)
-    second = rest.write_background(tmp_path, "../../etc/dark frame.h5", image)
+    first = background.write_background(tmp_path, "../../etc/dark frame.h5", image)
+    second = background.write_background(tmp_path, "../../etc/dark frame.h5", image)
     assert first != second and first.parent == second.parent == tmp_path.resolve()
     assert first.name.startswith("dark_frame_") and first.suffix == ".h5"
     assert not list(tmp_path.glob("*.part"))
-    assert rest.write_background(tmp_path, "", image).name.startswith("background_")
+    assert background.write_background(tmp_path, "", image).name.startswith("background_")
     # the name it was uploaded under stays with the file
     assert parameters.uploaded_name(str(first)) == "../../etc/dark frame.h5"
     assert parameters.uploaded_name(str(tmp_path / "none.h5")) is None
@@ -190,6 +191,6 @@ def test_extra_parameters_kept_changed_removed() -> None:
     (np.ones((3, 4), dtype=np.float32), (3, 4)),
 ])
 def test_good_backgrounds_become_uint16(data: Any, shape: Any) -> None:
-    array = rest.background_array(data, shape)
+    array = background.background_array(data, shape)
     assert array.dtype == np.uint16
     np.testing.assert_array_equal(array, np.asarray(data))

@@ -23,27 +23,39 @@ def load_parts(directory: Path, name: str) -> list[bytes]:
     return [base64.b64decode(frame) for frame in doc["frames_b64"]]
 
 
+def decode_all(parts: list[bytes]) -> tuple[wire.MainHeader, dict[str, tuple[object, object]]]:
+    """The main header and every channel's (value, timestamp), decoded as `CameraSource`
+    decodes its image channel: both headers (`MessageReader.split`), then the value."""
+    main, header = wire.MessageReader().split(parts)
+    return main, {
+        spec.name: (wire.decode_value(spec, parts[2 + 2 * i]),
+                    wire.decode_timestamp(parts[3 + 2 * i], spec.encoding))
+        for i, spec in enumerate(header.channels)
+    }
+
+
 def expected_image() -> np.ndarray:
     return (np.arange(24).reshape(4, 6) * 1000).astype(np.uint16)
 
 
 @pytest.mark.parametrize("name", ["psi_bsread_plain.json", "psi_bsread_bslz4.json"])
 def test_psi_bsread_fixture_values(bsread_fixtures: Path, name: str) -> None:
-    message = wire.MessageReader().decode(load_parts(bsread_fixtures, name))
+    main, ch = decode_all(load_parts(bsread_fixtures, name))
 
-    assert message.pulse_id == 1234
-    assert message.timestamp == PSI_TIMESTAMP
-    ch = message.channels
+    assert main.pulse_id == 1234
+    assert main.timestamp == PSI_TIMESTAMP
     assert list(ch) == ["image", "value", "count", "text", "none"]
-    image = ch["image"].value
+    image = ch["image"][0]
     assert isinstance(image, np.ndarray)
     assert image.dtype == np.uint16 and image.shape == (4, 6)
     np.testing.assert_array_equal(image, expected_image())
-    assert ch["value"].value.dtype == np.float64 and ch["value"].value.tolist() == [1.5]
-    assert ch["count"].value.dtype == np.int64 and ch["count"].value.tolist() == [7]
-    assert ch["text"].value == "abc"
-    assert ch["none"].value is None and ch["none"].timestamp is None
-    assert {ch[n].timestamp for n in ("image", "value", "count", "text")} == {PSI_TIMESTAMP}
+    value, count = ch["value"][0], ch["count"][0]
+    assert isinstance(value, np.ndarray) and isinstance(count, np.ndarray)
+    assert value.dtype == np.float64 and value.tolist() == [1.5]
+    assert count.dtype == np.int64 and count.tolist() == [7]
+    assert ch["text"][0] == "abc"
+    assert ch["none"] == (None, None)
+    assert {ch[n][1] for n in ("image", "value", "count", "text")} == {PSI_TIMESTAMP}
 
 
 def test_java_style_fixture_values(bsread_fixtures: Path) -> None:
@@ -52,13 +64,13 @@ def test_java_style_fixture_values(bsread_fixtures: Path) -> None:
     assert "pulse_id" not in main
     assert len(main["hash"]) == 30 and main["hash"] != hashlib.md5(parts[1]).hexdigest()
 
-    message = wire.MessageReader().decode(parts)
+    main, ch = decode_all(parts)
 
-    assert message.pulse_id == 0
-    data = message.channels["data"]
-    assert data.value.dtype == np.float64
-    np.testing.assert_array_equal(data.value, np.arange(10.0))
-    assert data.timestamp == JAVA_CHANNEL_TIMESTAMP
+    assert main.pulse_id == 0
+    data, timestamp = ch["data"]
+    assert isinstance(data, np.ndarray) and data.dtype == np.float64
+    np.testing.assert_array_equal(data, np.arange(10.0))
+    assert timestamp == JAVA_CHANNEL_TIMESTAMP
 
 
 def test_java_dispatcher_compressed_data_header(bsread_fixtures: Path) -> None:
@@ -139,6 +151,7 @@ def test_camera_source_with_dispatcher_header(
     assert frame is not None and frame.pulse_id == 147196131823
     assert frame.timestamp == (1471961318, 233131827)
     np.testing.assert_array_equal(frame.image, (np.arange(2048) % 100).astype(np.uint16))
-    everything = wire.MessageReader().decode(parts)
-    assert everything.channels["StringScalar"].value == "hello"
-    assert everything.channels["Float64Scalar"].value.tolist() == [0.0]
+    _, everything = decode_all(parts)
+    assert everything["StringScalar"][0] == "hello"
+    scalar = everything["Float64Scalar"][0]
+    assert isinstance(scalar, np.ndarray) and scalar.tolist() == [0.0]

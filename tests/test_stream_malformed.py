@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from psss_ioc.pipeline.source import BAD_IMAGE, MISSING_CHANNEL, SourceFault
 from psss_ioc.streams import bsread_wire as wire
 from psss_ioc.streams.stream import CameraSource
 
@@ -103,10 +105,13 @@ def test_bad_messages_are_skipped_and_counted(raw_push: tuple[zmq.Socket, str]) 
     counted = c.malformed | {"missing_channel": c.missing_channel, "empty_image": c.empty_image}
     assert counted == expected
     assert c.received == 3 and c.skipped == len(sequence) - 3
-    # Pulse ids count as seen when the main header parses; only pulse 11's does not.
-    assert c.lost_pulses == 1
     assert "empty image" in c.last_error
-    assert c.as_dict()["malformed_corrupt"] == 1
+    # what the pipeline adds to its error counts: the kinds seen, malformed ones prefixed
+    assert source.errors() == {
+        (f"malformed_{kind}" if kind in wire.MALFORMED_KINDS else kind): n
+        for kind, n in expected.items() if n
+    }
+    assert source.errors()["malformed_corrupt"] == 1
 
 
 def test_a_stream_of_only_bad_messages_still_times_out(raw_push: tuple[zmq.Socket, str]) -> None:
@@ -116,6 +121,44 @@ def test_a_stream_of_only_bad_messages_still_times_out(raw_push: tuple[zmq.Socke
             sock.send_multipart([b"garbage"])
         assert source.receive() is None
         assert source.counters.malformed["garbage"] >= 1
+
+
+def test_fault_is_the_latest_missing_channel_or_unusable_image() -> None:
+    image = np.arange(24, dtype=np.uint16).reshape(4, 6)
+    specs = [
+        wire.ChannelSpec.for_array("OTHER-CAM:FPICTURE", image),
+        wire.ChannelSpec("OTHER-CAM:SCALAR", "float64"),
+        wire.ChannelSpec.for_array("OTHER-CAM:ROI_PROFILE", image[0]),  # 1-D: not an image
+        wire.ChannelSpec.for_array("SOME:FRAME", image.astype(np.float32)),  # 2-D numeric
+    ]
+    writer = wire.MessageWriter(specs)
+    values = writer.encode_values([image, 1.0, image[0], image.astype(np.float32)])
+    source = CameraSource("tcp://127.0.0.1:1", image_channel="MY-CAM:FPICTURE")
+    assert source.fault() is None and source.errors() == {}
+    before = time.monotonic()
+    for pulse_id in (1, 2, 3):
+        assert source.decode(writer.encode(pulse_id, TS, values)) is None
+    c = source.counters
+    assert c.missing_channel_time is not None and c.missing_channel_time >= before
+    assert source.errors() == {"missing_channel": 3}
+    assert source.fault() == SourceFault(MISSING_CHANNEL, c.missing_channel_time,
+                                         channel="MY-CAM:FPICTURE",
+                                         channels_seen=("OTHER-CAM:FPICTURE", "SOME:FRAME"),
+                                         n_channels=4)
+
+    # the image channel there, but of a type no image can be made of: the latest one wins
+    text = wire.MessageWriter([wire.ChannelSpec("MY-CAM:FPICTURE", "string", None)])
+    assert source.decode(text.encode(4, TS, text.encode_values(["not an image"]))) is None
+    assert source.errors() == {"missing_channel": 3, "malformed_unknown_type": 1}
+    fault = source.fault()
+    assert fault is not None and fault.kind == BAD_IMAGE and fault.time == c.bad_image_time
+    assert fault.channel == "MY-CAM:FPICTURE"
+    assert "'string'" in fault.reason and "MY-CAM:FPICTURE" in fault.reason
+
+    # ... and a message without the channel again makes it the missing channel once more
+    assert source.decode(writer.encode(5, TS, values)) is None
+    fault = source.fault()
+    assert fault is not None and fault.kind == MISSING_CHANNEL
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,25 +47,19 @@ import click
 import zmq
 
 from psss_ioc.bench.report import emit
-from psss_ioc.cli.commands import free_port, ioc_command, loopback_epics_env, stop_process
 from psss_ioc.ioc import pvs
+from psss_ioc.processes import (
+    free_port,
+    ioc_command,
+    loopback_epics_env,
+    process_cpu_times,
+    stop_process,
+)
 from psss_ioc.streams.bsread_wire import BSLZ4
 from psss_ioc.streams.simulate import SimConfig, SimulatedCamera, SimulatorProcess
 
 PREFIX = "BENCH-PSSS"
 SEED = 0  # the simulated camera's (its dark frame is written with the same)
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_times(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process, all threads (from /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all threads."""
-    return sum(process_cpu_times(pid))
 
 
 class StreamCounter:

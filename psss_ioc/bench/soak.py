@@ -62,18 +62,12 @@ from typing import Any
 
 import click
 
-from psss_ioc.bench.e2e import (
-    PREFIX,
-    RunningIoc,
-    _simulator_args,
-    process_cpu_seconds,
-    running_ioc,
-)
+from psss_ioc.bench.e2e import PREFIX, RunningIoc, _simulator_args, running_ioc
 from psss_ioc.bench.faults import FaultInjector
 from psss_ioc.bench.report import emit, median, percentile
-from psss_ioc.cli.commands import free_port
 from psss_ioc.ioc import pvs
 from psss_ioc.ioc.memory import memory_kb
+from psss_ioc.processes import free_port, process_cpu_seconds
 from psss_ioc.streams.simulate import SimulatorProcess
 
 _SENT = re.compile(r"sent (\d+) frames.*dropped (\d+)", re.S)

@@ -30,8 +30,9 @@ import zmq
 
 from psss_ioc.bench.report import emit, median
 from psss_ioc.streams import bsread_wire as wire
+from psss_ioc.streams.channels import image_channel_for
 from psss_ioc.streams.simulate import SimConfig, SimulatedCamera, SimulatorProcess
-from psss_ioc.streams.stream import CameraSource, image_channel_for
+from psss_ioc.streams.stream import CameraSource
 
 PREFIX = "BENCH-PSSS"
 QUEUE_SIZE = 20  # receive high-water mark, the same for both loops

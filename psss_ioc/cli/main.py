@@ -8,9 +8,10 @@ import click
 
 from psss_ioc import __version__
 from psss_ioc.bench import bench
-from psss_ioc.cli.commands import demo_command, run_command
+from psss_ioc.cli.commands import legacy_main, run_command
+from psss_ioc.cli.demo import demo_command
 from psss_ioc.generate.database import db_command
-from psss_ioc.generate.readme import readme_command
+from psss_ioc.generate.readme import Programs, readme_command
 from psss_ioc.generate.screens import screens_command
 from psss_ioc.streams.simulate import simulate
 
@@ -40,7 +41,7 @@ main.add_command(run_command)
 main.add_command(demo_command)
 main.add_command(screens_command)
 main.add_command(db_command)
-main.add_command(readme_command)
+main.add_command(readme_command(Programs(psss_ioc=main, psss_processing=legacy_main)))
 
 
 if __name__ == "__main__":

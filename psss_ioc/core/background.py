@@ -1,32 +1,106 @@
-"""Background image files: HDF5 (dataset ``/image``, as the legacy service wrote them) or ``.npy``.
+"""Background images and their files: the one place that says what a usable background is.
 
-Reading validates and raises `BackgroundError` with a message an operator can act on
-(missing file, unreadable, not HDF5, no ``/image`` dataset, not 2-D, wrong shape, outside the
-allowed directories).
+- `validate`: the one set of rules and messages for a background image: 2-D, non-empty,
+  numeric, finite, of the frames' shape when that is known; with ``uint16=True`` (what the
+  REST API stores for the camera's uint16 frames) also whole numbers within 0..65535.
+- Files: `load` (HDF5 dataset ``/image``, as the legacy service wrote them, or ``.npy``;
+  confined to the allowed directories; headers checked before anything is read), `save`
+  (atomic) and `uploaded_name` (the name an uploaded file was sent under, kept in the file).
+- Uploads (POST /background): `background_array` (the legacy ``data`` rows, or a decoded
+  array, as a checked uint16 image), `is_binary` and `decode_binary` (a ``.npy`` or HDF5
+  body), `write_background` (stored under a new `stored_name`), `prune_uploads`.
+
+Every refusal is a `BackgroundError` (a ValueError) with a message an operator can act on.
 """
 
 from __future__ import annotations
 
+import datetime
 import io
+import logging
 import os
+import re
 import stat
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 HDF5_DATASET = "image"
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
+NPY_MAGIC = b"\x93NUMPY"
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+# The HDF5 attribute (on the file) that keeps the name a background was uploaded under.
+UPLOADED_NAME = "psss_uploaded_name"
+UINT16_MAX = 65535  # the camera's frames are uint16
 # The largest background read when the frames' shape is not known yet: 8192 x 8192 float32
 # (the camera's frame is 2016 x 2560). Checked from the file's header, before any allocation.
 MAX_BYTES = 256 * 2**20
+KEEP_UPLOADS = 10
+# what `stored_name` makes: other files in the directory (an operator's own) are never pruned
+_STORED_NAME = re.compile(r".+_\d{8}_\d{6}_[0-9a-f]{8}\.h5")
 
 
 class BackgroundError(ValueError):
-    """A background file that cannot be used; the message says why."""
+    """A background (array or file) that cannot be used; the message says why."""
 
 
+# ------------------------------------------------------------------------------ the rules
+def validate(image: Any, shape: tuple[int, int] | None = None, source: str = "background",
+             *, uint16: bool = False) -> np.ndarray:
+    """The array of a usable background; BackgroundError saying why `image` is not one.
+
+    A background is 2-D, not empty, numeric (integer or floating point; not true/false,
+    strings or objects), finite, and of `shape` (rows, columns) when that is given. With
+    `uint16` it must also hold whole numbers within 0..65535, and comes back as uint16 (a copy);
+    otherwise it comes back as given (``np.asarray``). `source` names it in the messages.
+    """
+    image = np.asarray(image)
+    _check_form(source, image.shape, image.dtype)
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise BackgroundError(f"{source} contains NaN or infinite values")
+    if uint16:
+        if image.dtype.kind == "f" and not np.array_equal(image, np.floor(image)):
+            raise BackgroundError(f"{source} must be whole numbers (the camera's frames are "
+                                  "uint16)")
+        low, high = image.min(), image.max()
+        if low < 0 or high > UINT16_MAX:
+            raise BackgroundError(f"{source} values must be within 0..{UINT16_MAX}, "
+                                  f"got {_number(low)}..{_number(high)}")
+    _check_shape(source, image.shape, shape)
+    return image.astype(np.uint16) if uint16 else image
+
+
+def _check_form(source: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """2-D, not empty, numeric: what an array, or a file's header, must say."""
+    if len(shape) != 2:
+        raise BackgroundError(f"{source} must be 2-D (rows of numbers), got {len(shape)} "
+                              f"dimension(s) of shape {list(shape)}")
+    if shape[0] * shape[1] == 0:
+        raise BackgroundError(f"{source} is empty")
+    if dtype.kind not in "uif":
+        names = {"b": "true/false values", "U": "strings", "S": "strings",
+                 "O": "mixed or non-numeric values"}
+        raise BackgroundError(f"{source} must be numeric (numbers), got "
+                              f"{names.get(dtype.kind, f'dtype {dtype}')}")
+
+
+def _check_shape(source: str, shape: tuple[int, ...], expected: tuple[int, int] | None) -> None:
+    if expected is not None and tuple(shape) != tuple(expected):
+        raise BackgroundError(f"{source} has the wrong shape: {shape[0]} x {shape[1]} does not "
+                              f"match the image {expected[0]} x {expected[1]}")
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float | np.floating) else str(value)
+
+
+# ------------------------------------------------------------------------------ files
 def confine(path: str | Path, allowed: Sequence[str | Path]) -> Path:
     """The real path of `path` (``..`` and symlinks resolved) if it lies inside one of the
     `allowed` directories; BackgroundError saying why otherwise.
@@ -73,7 +147,47 @@ def load(path: str | Path, shape: tuple[int, int] | None = None,
                 image = _read_hdf5(f, p, shape)
         except MemoryError:
             raise BackgroundError(f"background file {p} is too large to read") from None
-    return validate(image, shape, source=str(p))
+    return validate(image, shape, source=f"background file {p}")
+
+
+def save(path: str | Path, image: np.ndarray, uploaded_name: str | None = None) -> Path:
+    """Write a background image (validated) as ``.npy`` or, any other suffix, HDF5 ``/image``
+    with `uploaded_name` (if given) in the `UPLOADED_NAME` attribute: it stays with the file.
+
+    Atomic: written to ``<path>.part``, then renamed, so a reader never sees half a file.
+    """
+    p = Path(path)
+    image = validate(image, source=f"background file {p}")
+    npy = p.suffix.lower() == ".npy"
+    if npy and uploaded_name is not None:
+        raise BackgroundError(f"background file {p}: a .npy file cannot keep the uploaded "
+                              "name; save it as HDF5")
+    part = p.with_name(p.name + ".part")
+    try:
+        if npy:
+            with open(part, "wb") as f:
+                np.save(f, image, allow_pickle=False)
+        else:
+            with h5py.File(part, "w") as f:
+                f.create_dataset(HDF5_DATASET, data=image)
+                if uploaded_name is not None:
+                    f.attrs[UPLOADED_NAME] = uploaded_name
+        os.replace(part, p)
+    finally:
+        part.unlink(missing_ok=True)
+    return p
+
+
+def uploaded_name(path: str | Path) -> str | None:
+    """The name the background file at `path` was uploaded under, None if none is kept."""
+    try:
+        with h5py.File(path, "r") as f:
+            name = f.attrs.get(UPLOADED_NAME)
+    except Exception:  # not HDF5, gone, unreadable: no uploaded name
+        return None
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    return name if isinstance(name, str) else None
 
 
 def _open_regular(p: Path) -> io.BufferedReader:
@@ -95,15 +209,12 @@ def _open_regular(p: Path) -> io.BufferedReader:
 
 def _check_header(p: Path, shape: tuple[int, ...], dtype: np.dtype,
                   expected: tuple[int, int] | None, available: int | None) -> None:
-    """Refuse what the header of a file claims, before reading it: not a 2-D numeric image,
-    not the frames' shape, more than MAX_BYTES, or more data than the file holds."""
-    if len(shape) != 2:
-        raise BackgroundError(f"{p}: image must be 2-D, got shape {shape}")
-    if dtype.kind not in "uif":
-        raise BackgroundError(f"{p}: image must be numeric, got dtype {dtype}")
-    if expected is not None and tuple(shape) != tuple(expected):
-        raise BackgroundError(f"{p}: shape {shape[0]} x {shape[1]} does not match the image "
-                              f"{expected[0]} x {expected[1]}")
+    """Refuse what the header of a file claims, before reading it: not a 2-D numeric image
+    (the rules of `validate`), not the frames' shape, more than MAX_BYTES, or more data than
+    the file holds."""
+    source = f"background file {p}"
+    _check_form(source, shape, dtype)
+    _check_shape(source, shape, expected)
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if nbytes > MAX_BYTES:
         raise BackgroundError(f"{p}: a {shape[0]} x {shape[1]} {dtype} image is "
@@ -112,39 +223,6 @@ def _check_header(p: Path, shape: tuple[int, ...], dtype: np.dtype,
     if available is not None and nbytes > available:
         raise BackgroundError(f"{p}: its header claims {nbytes} bytes of data but the file "
                               f"holds {available}")
-
-
-def validate(
-    image: np.ndarray, shape: tuple[int, int] | None = None, source: str = "background"
-) -> np.ndarray:
-    """Check a background array: 2-D, numeric, finite, of `shape` if given."""
-    image = np.asarray(image)
-    if image.ndim != 2:
-        raise BackgroundError(f"{source}: image must be 2-D, got shape {image.shape}")
-    if image.size == 0:
-        raise BackgroundError(f"{source}: image is empty")
-    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
-        raise BackgroundError(f"{source}: image must be numeric, got dtype {image.dtype}")
-    if np.issubdtype(image.dtype, np.floating) and not np.all(np.isfinite(image)):
-        raise BackgroundError(f"{source}: image contains NaN or infinite values")
-    if shape is not None and tuple(image.shape) != tuple(shape):
-        raise BackgroundError(
-            f"{source}: shape {image.shape[0]} x {image.shape[1]} does not match the image "
-            f"{shape[0]} x {shape[1]}"
-        )
-    return image
-
-
-def save(path: str | Path, image: np.ndarray) -> Path:
-    """Write a background image (validated) as `.npy` or HDF5 ``/image``, by suffix."""
-    p = Path(path)
-    image = validate(image, source=str(p))
-    if p.suffix.lower() == ".npy":
-        np.save(p, image)
-    else:
-        with h5py.File(p, "w") as f:
-            f.create_dataset(HDF5_DATASET, data=image)
-    return p
 
 
 def _read_npy(f: io.BufferedReader, p: Path, expected: tuple[int, int] | None) -> np.ndarray:
@@ -189,8 +267,81 @@ def _has_hdf5_signature(f: io.BufferedReader) -> bool:
     offset = 0
     while offset + 8 <= size:
         f.seek(offset)
-        if f.read(8) == b"\x89HDF\r\n\x1a\n":
+        if f.read(8) == HDF5_MAGIC:
             f.seek(0)
             return True
         offset = 512 if offset == 0 else offset * 2
     return False
+
+
+# ------------------------------------------------------------------------------ uploads
+def background_array(data: Any, shape: tuple[int, int] | None) -> np.ndarray:
+    """The legacy ``data`` (rows of whole numbers) or a decoded array as a checked uint16 image.
+
+    Refuses (BackgroundError) anything that is not a list of rows or an array, and what
+    `validate` with ``uint16=True`` refuses: not 2-D, not numeric, not whole numbers in
+    0..65535, or not of `shape` (the current image shape) when that is known.
+    """
+    if isinstance(data, np.ndarray):
+        array = data
+    elif isinstance(data, list):
+        try:
+            array = np.array(data)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise BackgroundError(f"background data must be rows of equal length: {e}") from None
+    else:
+        raise BackgroundError("background data must be a list of rows, not "
+                              f"{type(data).__name__}")
+    return validate(array, shape, source="background data", uint16=True)
+
+
+def is_binary(body: bytes) -> bool:
+    """Whether an upload's body starts as a ``.npy`` or an HDF5 file does."""
+    return body.startswith(NPY_MAGIC) or body.startswith(HDF5_MAGIC)
+
+
+def decode_binary(body: bytes) -> np.ndarray:
+    """A ``.npy`` or HDF5 (dataset /image) body as an array; BackgroundError if unreadable."""
+    try:
+        if body.startswith(NPY_MAGIC):
+            return np.load(io.BytesIO(body), allow_pickle=False)
+        with h5py.File(io.BytesIO(body), "r") as f:
+            dataset = f.get(HDF5_DATASET)
+            if not isinstance(dataset, h5py.Dataset):
+                raise BackgroundError(f"HDF5 body has no /{HDF5_DATASET} dataset")
+            return dataset[()]
+    except BackgroundError:
+        raise
+    except Exception as e:  # numpy and h5py raise many kinds on corrupt input
+        raise BackgroundError(f"binary body is not a readable .npy or HDF5 file: {e}") from None
+
+
+def stored_name(original: str) -> str:
+    """A new unique file name for an uploaded background, keeping the original's stem."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(original).stem if original else "")[:60]
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    return f"{stem or 'background'}_{stamp}_{uuid.uuid4().hex[:8]}.h5"
+
+
+def write_background(directory: Path, original: str, image: np.ndarray) -> Path:
+    """Store an uploaded `image` in `directory` under a new `stored_name`, as HDF5 ``/image``
+    with the name it was uploaded under (GET /parameters shows that one); atomic (`save`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return save(directory / stored_name(original), image, uploaded_name=original).resolve()
+
+
+def prune_uploads(directory: Path, in_use: str, keep: int = KEEP_UPLOADS) -> list[Path]:
+    """Delete uploaded backgrounds but the one in use and the `keep` newest; returns those
+    deleted. Uploads pile up otherwise: each is a full frame (10 MB for the camera)."""
+    uploads = [p for p in directory.glob("*.h5") if _STORED_NAME.fullmatch(p.name)]
+    uploads.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for path in uploads[keep:]:
+        if str(path.resolve()) == in_use:
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError as e:
+            log.warning("could not remove the old upload %s: %s", path, e)
+    return removed

@@ -20,6 +20,8 @@ from llvmlite import ir as llvm_ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from psss_ioc.core.fit_status import FitStatus
+
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 DEFAULT_MIN_SNR = 5.0
 DEFAULT_MAX_ITERATIONS = 50
@@ -27,58 +29,43 @@ MIN_POINTS = 5
 _ROBUST_SAMPLES = 512
 
 
-class FitStatus(enum.IntEnum):
-    """Outcome of a fit; the integer values are what the FIT_STATUS record shows."""
+class Reason(enum.IntEnum):
+    """Why a fit has its status: what the compiled code returns (numba returns no strings
+    cheaply). Each reason carries its `status` and its `text`, the FitResult's ``reason``."""
 
-    OK = 0
-    LOW_SIGNAL = 1
-    NOT_CONVERGED = 2
-    INVALID_INPUT = 3
-    DISABLED = 4
+    status: FitStatus
+    text: str
 
-    @property
-    def label(self) -> str:
-        return self.name.replace("_", " ").lower()
+    def __new__(cls, value: int, status: FitStatus, text: str) -> Reason:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.status = status
+        member.text = text
+        return member
 
-
-# Reason codes returned by the compiled code (numba returns no strings cheaply).
-_REASONS = {
-    0: "",
-    1: "spectrum has non-finite values",
-    2: "energy axis has non-finite values",
-    3: "too few points to fit",
-    4: "flat spectrum: no signal",
-    5: "peak below the signal-to-noise threshold",
-    6: "iteration limit reached",
-    7: "fitted amplitude is not positive",
-    8: "fitted centre lies outside the energy axis",
-    9: "fitted width is narrower than one bin (hot pixel?)",
-    10: "fit diverged (non-finite parameters)",
-    11: "fit disabled",
-    12: "energy axis has no extent (all values equal)",
-}
-_STATUS_OF_REASON = {
-    0: FitStatus.OK,
-    1: FitStatus.INVALID_INPUT,
-    2: FitStatus.INVALID_INPUT,
-    3: FitStatus.INVALID_INPUT,
-    4: FitStatus.LOW_SIGNAL,
-    5: FitStatus.LOW_SIGNAL,
-    6: FitStatus.NOT_CONVERGED,
-    7: FitStatus.NOT_CONVERGED,
-    8: FitStatus.NOT_CONVERGED,
-    9: FitStatus.NOT_CONVERGED,
-    10: FitStatus.NOT_CONVERGED,
-    11: FitStatus.DISABLED,
-    12: FitStatus.INVALID_INPUT,
-}
+    FITTED = 0, FitStatus.OK, ""
+    NON_FINITE_SPECTRUM = 1, FitStatus.INVALID_INPUT, "spectrum has non-finite values"
+    NON_FINITE_AXIS = 2, FitStatus.INVALID_INPUT, "energy axis has non-finite values"
+    TOO_FEW_POINTS = 3, FitStatus.INVALID_INPUT, "too few points to fit"
+    FLAT = 4, FitStatus.LOW_SIGNAL, "flat spectrum: no signal"
+    BELOW_SNR = 5, FitStatus.LOW_SIGNAL, "peak below the signal-to-noise threshold"
+    ITERATION_LIMIT = 6, FitStatus.NOT_CONVERGED, "iteration limit reached"
+    AMPLITUDE_NOT_POSITIVE = 7, FitStatus.NOT_CONVERGED, "fitted amplitude is not positive"
+    CENTER_OUTSIDE_AXIS = 8, FitStatus.NOT_CONVERGED, "fitted centre lies outside the energy axis"
+    NARROWER_THAN_A_BIN = (
+        9, FitStatus.NOT_CONVERGED, "fitted width is narrower than one bin (hot pixel?)"
+    )
+    DIVERGED = 10, FitStatus.NOT_CONVERGED, "fit diverged (non-finite parameters)"
+    DISABLED = 11, FitStatus.DISABLED, "fit disabled"
+    AXIS_WITHOUT_EXTENT = (
+        12, FitStatus.INVALID_INPUT, "energy axis has no extent (all values equal)"
+    )
 
 
 class FitResult(NamedTuple):
     """Fit and moments of one spectrum. Fit values are NaN unless ``status`` is OK.
 
-    A named tuple rather than a frozen dataclass: as immutable, and made in half the time
-    (it is made once per frame, in the IOC's worker thread).
+    A named tuple: immutable, and cheap to make (one per frame, in the IOC's worker thread).
     """
 
     status: FitStatus
@@ -102,9 +89,19 @@ class FitResult(NamedTuple):
         return self.status is FitStatus.OK
 
 
-# What the compiled `analyse` returns: (reason code, amplitude, center, sigma, offset,
-# chi2_reduced, iterations, com, rms).
-Analysis = tuple[int, float, float, float, float, float, int, float, float]
+class Analysis(NamedTuple):
+    """What the compiled `analyse` returns (numba makes and returns named tuples); the fit
+    values are only meaningful when ``reason`` is FITTED. `result_of` makes the FitResult."""
+
+    reason: Reason
+    amplitude: float
+    center: float
+    sigma: float
+    offset: float
+    chi2_reduced: float
+    iterations: int
+    com: float
+    rms: float
 
 
 # Compiled per-frame code: nogil so the IOC's other threads run meanwhile, cached on disk so
@@ -122,7 +119,8 @@ def _robust_noise(y: np.ndarray) -> float:
     """Noise sigma from the median absolute first difference (insensitive to the line).
 
     Uses at most ~_ROBUST_SAMPLES neighbouring pairs spread over the spectrum: a median of
-    500 differences is within ~5% of the full one, at a fifth of the cost.
+    that many estimates the noise about as well as the median of all, for a fraction of the
+    cost (docs/performance.md, "Kernels").
     """
     n = y.shape[0]
     stride = max(1, (n - 1) // _ROBUST_SAMPLES)
@@ -206,8 +204,8 @@ def _exp_nonpositive(v: float) -> float:
     v = max(v, _EXP_MIN_ARG)
     # floor() survives the caller's fastmath flags (numba applies them to inlined callees
     # too); the classic (x + magic) - magic rounding would not. np.floor keeps k a float:
-    # math.floor returns an int, and AVX2 has no vector int64 <-> float64 conversion, so
-    # that one call made LLVM run the whole loop on scalars (1.5x slower).
+    # math.floor returns an int, and AVX2 has no vector int64 <-> float64 conversion: that
+    # one call would make LLVM run the whole loop on scalars.
     k = np.floor(v * _LOG2E + 0.5)  # round(v / ln 2)
     shifted = k + _ROUNDING_MAGIC
     r = (v - k * _LN2_HI) - k * _LN2_LO  # |r| <= ln(2) / 2
@@ -267,7 +265,7 @@ def _unit_gaussian_exact(  # type: ignore[no-untyped-def]
         dx = x[i] - c
         t = -0.5 * dx * dx * inv_s2
         # Far tails are exactly 0: products of tiny values would be denormals, which cost
-        # ~100 cycles each (this one select made the loop 3-6x faster on narrow lines).
+        # ~100 cycles each (narrow lines are mostly tail).
         e = _exp_nonpositive(t)
         e_buf[i] = e if t > _TAIL_EXPONENT else 0.0
 
@@ -365,8 +363,8 @@ def _evaluate(
     The Hessian is J^T J - sum_i r_i d2f_i (the residuals' curvature term Gauss-Newton
     leaves out); for the Gaussian its extra entries need four more sums of r e dx^k.
     Three vectorised passes over L1-resident data (the Gaussian into `e_buf`, then two halves
-    of the sums): one fused pass needed more vector registers than the CPU has and spilled
-    them every point; split it is 1.6x faster. ``spacing``: x's uniform spacing, or 0.
+    of the sums): one fused pass needs more vector registers than the CPU has and spills
+    them at every point. ``spacing``: x's uniform spacing, or 0.
     """
     a, c, s, off = p[0], p[1], p[2], p[3]
     inv_s2 = 1.0 / (s * s)
@@ -526,8 +524,7 @@ def _levenberg_marquardt(
         while lam < 1e16 and evaluations_left > 0:
             # Newton's model where it is positive definite, else Gauss-Newton's J^T J. On a
             # spectrum a Gaussian describes only roughly (SASE spikes) the residuals stay
-            # large, and Gauss-Newton then converges only linearly: 100+ steps on some shots
-            # of the simulated camera where Newton takes 6.
+            # large, and Gauss-Newton then converges only linearly.
             model = hess
             solved = False
             for _ in range(2):
@@ -663,10 +660,17 @@ def _binned_fit(
     return iterations
 
 
-# An axis' share of the fit, the same for every frame: `describe_axis` fills it once.
-# ``numbers``: [finite (1/0), centre x0, span x_scale, min, max, smallest step of the
-# normalised axis, its uniform spacing or 0]; the normalised axis is (x - x0) / x_scale.
-_AXIS_NUMBERS = 7
+class AxisNumbers(NamedTuple):
+    """An axis' share of the fit, the same for every frame (`describe_axis`): all NaN but
+    ``finite`` when the axis has non-finite values. The normalised axis is (x - x0) / x_scale."""
+
+    finite: bool
+    x0: float  # the axis' midpoint
+    x_scale: float  # its extent
+    lo: float
+    hi: float
+    min_spacing: float  # the smallest step of the normalised axis
+    spacing: float  # the normalised axis' uniform spacing (`uniform_step`), or 0
 
 
 class FitAxis(NamedTuple):
@@ -674,7 +678,7 @@ class FitAxis(NamedTuple):
 
     values: np.ndarray
     normalised: np.ndarray
-    numbers: np.ndarray
+    numbers: AxisNumbers
 
 
 def fit_axis(x: np.ndarray) -> FitAxis:
@@ -685,18 +689,15 @@ def fit_axis(x: np.ndarray) -> FitAxis:
     """
     values = np.ascontiguousarray(x, dtype=np.float64)
     normalised = np.empty(values.shape[0])
-    numbers = np.empty(_AXIS_NUMBERS)
-    describe_axis(values, normalised, numbers)
-    return FitAxis(values, normalised, numbers)
+    return FitAxis(values, normalised, describe_axis(values, normalised))
 
 
 @njit(**_COMPILED)
-def describe_axis(x: np.ndarray, xs: np.ndarray, numbers: np.ndarray) -> None:  # type: ignore[no-untyped-def]
-    """Fill the normalised axis xs and the axis' numbers (see _AXIS_NUMBERS)."""
-    numbers[:] = math.nan
-    numbers[0] = 0.0
+def describe_axis(x: np.ndarray, xs: np.ndarray) -> AxisNumbers:
+    """The axis' numbers; fills xs with the normalised axis (when x is finite)."""
+    nan = math.nan
     if not _all_finite(x) or x.shape[0] < 1:
-        return
+        return AxisNumbers(False, nan, nan, nan, nan, nan, nan)
     # Normalise so the fit is equally well conditioned for any units.
     x_lo = x.min()
     x_hi = x.max()
@@ -709,13 +710,8 @@ def describe_axis(x: np.ndarray, xs: np.ndarray, numbers: np.ndarray) -> None:  
         d = abs(xs[i + 1] - xs[i])
         if 0.0 < d < min_spacing:
             min_spacing = d
-    numbers[0] = 1.0
-    numbers[1] = x0
-    numbers[2] = x_scale
-    numbers[3] = x_lo
-    numbers[4] = x_hi
-    numbers[5] = min_spacing
-    numbers[6] = uniform_step(x) / x_scale if x_scale > 0.0 else 0.0
+    spacing = uniform_step(x) / x_scale if x_scale > 0.0 else 0.0
+    return AxisNumbers(True, x0, x_scale, x_lo, x_hi, min_spacing, spacing)
 
 
 @njit(**_COMPILED)
@@ -729,13 +725,18 @@ def analyse(
 ) -> Analysis:
     """Moments and, if enabled and sensible, the Gaussian fit of y(x).
 
-    Returns (reason code, amplitude, center, sigma, offset, chi2_reduced, iterations, com, rms)
-    and, when the fit succeeded (reason 0), the fitted model on x in ``curve``.
+    When the fit succeeded (reason FITTED), ``curve`` holds the fitted model on x.
     """
     xs = np.empty(x.shape[0])
-    numbers = np.empty(_AXIS_NUMBERS)
-    describe_axis(x, xs, numbers)
+    numbers = describe_axis(x, xs)
     return analyse_on_axis(y, curve, x, xs, numbers, fit_enabled, min_snr, max_iterations)
+
+
+@njit(**_COMPILED)
+def _failed(reason: Reason, iterations: int, com: float, rms: float) -> Analysis:
+    """The Analysis of a fit that gave no values."""
+    nan = math.nan
+    return Analysis(reason, nan, nan, nan, nan, nan, iterations, com, rms)
 
 
 @njit(**_COMPILED, fastmath=_LOOP_MATH)
@@ -744,7 +745,7 @@ def analyse_on_axis(
     curve: np.ndarray,
     x: np.ndarray,
     xs: np.ndarray,
-    numbers: np.ndarray,
+    numbers: AxisNumbers,
     fit_enabled: bool,
     min_snr: float,
     max_iterations: int,
@@ -755,27 +756,25 @@ def analyse_on_axis(
     """
     nan = math.nan
     n = y.shape[0]
-    if numbers[0] != 1.0:
-        return 2, nan, nan, nan, nan, nan, 0, nan, nan
+    if not numbers.finite:
+        return _failed(Reason.NON_FINITE_AXIS, 0, nan, nan)
     if not _all_finite(y):
-        return 1, nan, nan, nan, nan, nan, 0, nan, nan
+        return _failed(Reason.NON_FINITE_SPECTRUM, 0, nan, nan)
     if n < MIN_POINTS:
-        return 3, nan, nan, nan, nan, nan, 0, nan, nan
+        return _failed(Reason.TOO_FEW_POINTS, 0, nan, nan)
     baseline = _robust_baseline(y)
     com, rms = _moments(x, y, baseline)
     if not fit_enabled:
-        return 11, nan, nan, nan, nan, nan, 0, com, rms
-    x0, x_scale, x_lo, x_hi = numbers[1], numbers[2], numbers[3], numbers[4]
-    min_spacing, spacing = numbers[5], numbers[6]
-    if not x_scale > 0.0:
-        return 12, nan, nan, nan, nan, nan, 0, com, rms
+        return _failed(Reason.DISABLED, 0, com, rms)
+    if not numbers.x_scale > 0.0:
+        return _failed(Reason.AXIS_WITHOUT_EXTENT, 0, com, rms)
     ymin = y.min()
     ymax = y.max()
     if ymax <= ymin:
-        return 4, nan, nan, nan, nan, nan, 0, com, rms
+        return _failed(Reason.FLAT, 0, com, rms)
     noise = _robust_noise(y)
     if ymax - baseline <= min_snr * noise:
-        return 5, nan, nan, nan, nan, nan, 0, com, rms
+        return _failed(Reason.BELOW_SNR, 0, com, rms)
 
     # Normalise so the fit is equally well conditioned for any count level.
     y_scale = max(abs(ymax), abs(ymin))
@@ -788,51 +787,40 @@ def analyse_on_axis(
         if y[i] > half_raw:
             above_half += 1
     if above_half < 2:
-        return 9, nan, nan, nan, nan, nan, 0, com, rms
+        return _failed(Reason.NARROWER_THAN_A_BIN, 0, com, rms)
 
     p = np.empty(4)
-    _start_values(xs, ys, baseline / y_scale, noise / y_scale, min_spacing, p)
-    coarse_iterations = _coarse_fit(xs, ys, p, max_iterations, spacing)
+    _start_values(xs, ys, baseline / y_scale, noise / y_scale, numbers.min_spacing, p)
+    coarse_iterations = _coarse_fit(xs, ys, p, max_iterations, numbers.spacing)
     unit_gaussian = np.empty(n)
     converged, iterations, chi2 = _levenberg_marquardt(
-        xs, ys, p, max_iterations, unit_gaussian, spacing
+        xs, ys, p, max_iterations, unit_gaussian, numbers.spacing
     )
     iterations += coarse_iterations
     amplitude = p[0] * y_scale
-    center = p[1] * x_scale + x0
-    sigma = abs(p[2]) * x_scale
+    center = p[1] * numbers.x_scale + numbers.x0
+    sigma = abs(p[2]) * numbers.x_scale
     offset = p[3] * y_scale
     dof = max(n - 4, 1)
     chi2_reduced = chi2 * y_scale * y_scale / dof
     for v in (amplitude, center, sigma, offset):
         if not math.isfinite(v):
-            return 10, nan, nan, nan, nan, nan, iterations, com, rms
+            return _failed(Reason.DIVERGED, iterations, com, rms)
     if not converged:
-        reason = 6
+        reason = Reason.ITERATION_LIMIT
     elif amplitude <= 0.0:
-        reason = 7
-    elif center < x_lo or center > x_hi:
-        reason = 8
-    elif abs(p[2]) * FWHM_PER_SIGMA < min_spacing:
-        reason = 9
+        reason = Reason.AMPLITUDE_NOT_POSITIVE
+    elif center < numbers.lo or center > numbers.hi:
+        reason = Reason.CENTER_OUTSIDE_AXIS
+    elif abs(p[2]) * FWHM_PER_SIGMA < numbers.min_spacing:
+        reason = Reason.NARROWER_THAN_A_BIN
     else:
-        reason = 0
+        reason = Reason.FITTED
         for i in range(n):
             curve[i] = offset + amplitude * unit_gaussian[i]
-    return reason, amplitude, center, sigma, offset, chi2_reduced, iterations, com, rms
-
-
-@njit(**_COMPILED, fastmath=_LOOP_MATH)
-def gaussian(
-    x: np.ndarray, amplitude: float, center: float, sigma: float, offset: float
-) -> np.ndarray:
-    """The model evaluated on x."""
-    out = np.empty(x.shape[0])
-    inv = 1.0 / (2.0 * sigma * sigma)
-    for i in range(x.shape[0]):
-        dx = x[i] - center
-        out[i] = offset + amplitude * _exp_nonpositive(-dx * dx * inv)
-    return out
+    return Analysis(
+        reason, amplitude, center, sigma, offset, chi2_reduced, iterations, com, rms
+    )
 
 
 def fit_spectrum(
@@ -852,24 +840,23 @@ def fit_spectrum(
     xf = np.ascontiguousarray(x, dtype=np.float64)
     yf = np.ascontiguousarray(y, dtype=np.float64)
     if xf.ndim != 1 or yf.ndim != 1 or xf.shape != yf.shape:
-        return _failed(3, math.nan, math.nan)
+        return result_of(_failed(Reason.TOO_FEW_POINTS, 0, math.nan, math.nan), None)
     curve = np.empty(xf.shape[0])
     analysis = analyse(xf, yf, enabled, float(min_snr), int(max_iterations), curve)
     return result_of(analysis, curve if with_curve else None)
 
 
 def result_of(analysis: Analysis, curve: np.ndarray | None) -> FitResult:
-    """The FitResult of what `analyse` returned; `curve` is the array it filled (or None)."""
-    code, amp, center, sigma, offset, chi2r, iterations, com, rms = analysis
-    status = _STATUS_OF_REASON[code]
-    if status is not FitStatus.OK:
-        return FitResult(
-            status, _REASONS[code], *([math.nan] * 5), iterations, com, rms, None
-        )
-    return FitResult(status, "", amp, center, sigma, offset, chi2r, iterations, com, rms, curve)
+    """The FitResult of what `analyse` returned; `curve` is the array it filled (or None).
 
-
-def _failed(code: int, com: float, rms: float) -> FitResult:
+    Only a fitted result carries the fit's values: a failed fit never reports made-up ones.
+    """
+    reason = Reason(analysis.reason)
+    if reason is not Reason.FITTED:
+        nan = math.nan
+        return FitResult(reason.status, reason.text, nan, nan, nan, nan, nan,
+                         analysis.iterations, analysis.com, analysis.rms, None)
     return FitResult(
-        _STATUS_OF_REASON[code], _REASONS[code], *([math.nan] * 5), 0, com, rms, None
+        FitStatus.OK, "", analysis.amplitude, analysis.center, analysis.sigma, analysis.offset,
+        analysis.chi2_reduced, analysis.iterations, analysis.com, analysis.rms, curve,
     )

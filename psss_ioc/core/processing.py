@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 import numpy as np
 from numba import njit
 
+from psss_ioc.core.background import validate as validate_background
 from psss_ioc.core.fit import (
     DEFAULT_MAX_ITERATIONS,
     DEFAULT_MIN_SNR,
@@ -32,6 +34,7 @@ __all__ = [
     "AveragedResult",
     "FitStatus",
     "FrameMismatchError",
+    "Mismatch",
     "Result",
     "RunningAverage",
     "Settings",
@@ -41,13 +44,30 @@ __all__ = [
 ]
 
 
+class Mismatch(StrEnum):
+    """Why settings do not fit a frame: the kinds of refusal of one settings-versus-frame
+    check (`Settings.mismatches`). The first three name settings the operator chose (and
+    `fields` the `Settings` fields each covers); IMAGE is a frame nothing can be made of."""
+
+    ROI = "roi"
+    BACKGROUND = "background_shape"
+    AXIS = "axis_length"
+    IMAGE = "image"
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return _MISMATCH_FIELDS[self]
+
+
+_MISMATCH_FIELDS = {Mismatch.ROI: ("roi",), Mismatch.BACKGROUND: ("background", "background_name"),
+                    Mismatch.AXIS: ("axis",), Mismatch.IMAGE: ()}
+SETTING_MISMATCHES = (Mismatch.ROI, Mismatch.BACKGROUND, Mismatch.AXIS)
+
+
 class FrameMismatchError(ValueError):
-    """The settings do not fit this frame (ROI, background shape or axis length).
+    """The settings do not fit this frame; ``kind`` is a `Mismatch`."""
 
-    ``kind`` is one of "roi", "background_shape", "axis_length", "image".
-    """
-
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: Mismatch, message: str) -> None:
         super().__init__(message)
         self.kind = kind
 
@@ -80,8 +100,8 @@ class FramePlan(NamedTuple):
     background: np.ndarray | None  # in the dtype the kernel pairs with the image's
     axis: np.ndarray  # the energy axis, or the column index
     spectrum_dtype: np.dtype
-    # The camera's case (see `_is_camera_case`) with a dark frame that compacts: the kernel
-    # reads it compacted, and kernel and fit run in one compiled call. None otherwise.
+    # The camera's case (see `_is_camera_case`): its dark frame as the uint16 kernel reads
+    # it, compacted where it compacts, else as it is (see `CompactBackground`). None otherwise.
     compact_background: CompactBackground | None
     # `analyse_on_axis`'s arguments after the spectrum and curve: the prepared axis (values,
     # normalised, numbers), fit_enabled, min_snr, max_iterations.
@@ -144,31 +164,33 @@ class Settings:
         roi = list(self.roi) if self.roi is not None else None
         return {"background": self.background_name, "roi": roi}
 
-    def check_frame(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        """Raise FrameMismatchError if these settings do not fit a frame of this shape.
-
-        Returns the ROI rows to use.
-        """
+    def mismatches(self, shape: tuple[int, ...]) -> dict[Mismatch, str]:
+        """Every way these settings do not fit a frame of `shape`, with the reason; empty
+        when they fit. The one settings-versus-frame check: the pipeline resolves the
+        settings for a frame size with it (`resolve_for_frame`), the IOC asks it whether a
+        setting written fits the frames, and `plan_for` refuses with it."""
         if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
-            raise FrameMismatchError("image", f"image must be 2-D and non-empty, got {shape}")
+            return {Mismatch.IMAGE: f"image must be 2-D and non-empty, got {shape}"}
         height, width = shape
+        found: dict[Mismatch, str] = {}
         ymin, ymax = roi_rows(self.roi, height)
         if ymax > height or ymin >= ymax:  # (ymin, 0) with ymin >= height: no row left
             rows = f"[{ymin}, {ymax})" if self.roi is None or self.roi[1] else f"from {ymin}"
-            raise FrameMismatchError(
-                "roi", f"ROI rows {rows} exceed the image height {height}"
-            )
+            found[Mismatch.ROI] = f"ROI rows {rows} exceed the image height {height}"
         if self.background is not None and self.background.shape != shape:
-            raise FrameMismatchError(
-                "background_shape",
-                f"background shape {self.background.shape} differs from image shape {shape}",
-            )
+            found[Mismatch.BACKGROUND] = (f"background shape {self.background.shape} differs "
+                                          f"from image shape {shape}")
         if self.axis is not None and self.axis.shape[0] != width:
-            raise FrameMismatchError(
-                "axis_length",
-                f"energy axis has {self.axis.shape[0]} values but the image has {width} columns",
-            )
-        return ymin, ymax
+            found[Mismatch.AXIS] = (f"energy axis has {self.axis.shape[0]} values but the "
+                                    f"image has {width} columns")
+        return found
+
+    def check_frame(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """The ROI rows for a frame of `shape`; FrameMismatchError (the first of
+        `mismatches`) if these settings do not fit it."""
+        for kind, reason in self.mismatches(shape).items():
+            raise FrameMismatchError(kind, reason)
+        return roi_rows(self.roi, shape[0])
 
     def plan_for(self, shape: tuple[int, ...], image_dtype: np.dtype) -> FramePlan:
         """What process() needs for frames of this shape and dtype, checked once (cached).
@@ -215,6 +237,38 @@ def roi_rows(roi: tuple[int, int] | None, height: int) -> tuple[int, int]:
     return ymin, ymax if ymax else height
 
 
+class Resolution(NamedTuple):
+    """The settings a frame of some shape is processed with, and what was refused."""
+
+    settings: Settings
+    refused: dict[Mismatch, str]  # the requested value's reason, per kind
+
+
+def resolve_for_frame(requested: Settings, fallback: Settings,
+                      shape: tuple[int, ...]) -> Resolution | None:
+    """`requested`, with each setting that does not fit frames of `shape` (ROI, background,
+    axis) taken from `fallback` (the settings the last frame used), else unset (the whole
+    image, no background, the column index: these fit any frame). None: the frame itself is
+    unusable (`Mismatch.IMAGE`).
+
+    The requested settings are not changed: a value refused for one image size is in force
+    again by itself when the camera returns to a size it fits.
+    """
+    refused = requested.mismatches(shape)
+    if Mismatch.IMAGE in refused:
+        return None
+    if not refused:
+        return Resolution(requested, refused)
+    fields = [f for kind in refused for f in kind.fields]
+    settings = replace(requested, **{f: getattr(fallback, f) for f in fields})
+    still = settings.mismatches(shape)
+    if still:
+        default = Settings()
+        settings = replace(settings, **{f: getattr(default, f) for kind in still
+                                        for f in kind.fields})
+    return Resolution(settings, refused)
+
+
 def _validated_roi(roi: Any) -> tuple[int, int]:
     if isinstance(roi, str | bytes):
         raise ValueError(f"ROI must be a pair [ymin, ymax], not {roi!r}")
@@ -238,15 +292,7 @@ def _validated_roi(roi: Any) -> tuple[int, int]:
 def _validated_background(background: Any) -> np.ndarray:
     if _is_frozen(background) and background.ndim == 2:
         return background  # validated when it was frozen, and nobody can change it
-    array = np.asarray(background)
-    if array.ndim != 2:
-        raise ValueError(f"background must be a 2-D image, got {array.ndim} dimensions")
-    if array.size == 0:
-        raise ValueError("background is empty")
-    if array.dtype.kind not in "uif":
-        raise ValueError(f"background must be numeric, got dtype {array.dtype}")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise ValueError("background has NaN or infinite values")
+    array = validate_background(background)  # BackgroundError (a ValueError) saying why not
     if array.dtype == np.float16:  # numba has no float16
         array = array.astype(np.float32)
     return _frozen_copy(array.astype(array.dtype.newbyteorder("="), copy=False))
@@ -287,7 +333,8 @@ def _kernel_background(background: np.ndarray, image_dtype: np.dtype) -> np.ndar
 
 
 # Outlying dark pixels beyond this share of the frame: the background is used as it is
-# (each costs ~30 ns to correct; at 1/256 of a full frame the compact form gains nothing).
+# (each is corrected apart, out of the vector loop: past this share the corrections cost
+# what the byte saved per pixel gains; docs/performance.md, "Kernels").
 MAX_OUTLIER_FRACTION = 1 / 512
 
 
@@ -299,6 +346,9 @@ class CompactBackground(NamedTuple):
     frames its time is the time to read them. Pixels outside the 256-count window (hot or
     dead ones) are listed apart with their true values, row by row, and corrected while their
     row is still in cache.
+
+    A dark frame that does not compact is held in the same form, as it is: base 0, its
+    uint16 values as the offsets, no outliers. One kernel then reads both (`_compacted`).
     """
 
     base: int  # the window is [base, base + 255]
@@ -310,19 +360,33 @@ class CompactBackground(NamedTuple):
 
 # The compact forms of the frozen backgrounds in use, by id (an entry goes when its array
 # does): Settings made from one another share their background, and a change of ROI or fit
-# options must not compact a full dark frame again (70 ms in the worker thread).
+# options must not compact a full dark frame again (a histogram and a pass over all pixels,
+# in the worker thread).
 _COMPACTED: dict[int, CompactBackground | None] = {}
 
 
-def _compacted(background: np.ndarray) -> CompactBackground | None:
-    """`compact_background` of a frozen background, once per array."""
+def _compacted(background: np.ndarray) -> CompactBackground:
+    """The camera's uint16 dark frame as its kernel reads it: `compact_background` of it
+    (once per frozen array), or where it does not compact, the frame as it is."""
     if not _is_frozen(background):
-        return compact_background(background)
-    key = id(background)
-    if key not in _COMPACTED:
-        _COMPACTED[key] = compact_background(background)
-        weakref.finalize(background, _COMPACTED.pop, key, None)
-    return _COMPACTED[key]
+        compact = compact_background(background)
+    else:
+        key = id(background)
+        if key not in _COMPACTED:
+            _COMPACTED[key] = compact_background(background)
+            weakref.finalize(background, _COMPACTED.pop, key, None)
+        compact = _COMPACTED[key]
+    # The as-is form is made anew, never kept in _COMPACTED: it holds the background itself,
+    # which would then never be collected.
+    return compact if compact is not None else _as_is(background)
+
+
+def _as_is(background: np.ndarray) -> CompactBackground:
+    """A uint16 dark frame in the compact form without compacting it: base 0, no outliers."""
+    no_outliers = np.zeros(background.shape[0] + 1, dtype=np.int64)
+    return CompactBackground(
+        0, background, no_outliers, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint16)
+    )
 
 
 def compact_background(background: np.ndarray) -> CompactBackground | None:
@@ -370,41 +434,25 @@ def spectrum_dtype(image_dtype: np.dtype, background_dtype: np.dtype | None, row
 
 # The kernels below are written so that LLVM vectorises them: `max(p, q) - q` is a clipped
 # difference that never leaves the unsigned range, and for uint16 the explicit narrowing lets
-# LLVM use a saturating 16-bit subtract before widening (the camera's own dtype, measured
-# ~15% faster than the generic form). `out` stays in L1.
+# LLVM use a saturating 16-bit subtract before widening (numba would otherwise widen both
+# operands to int64 first). `out` stays in L1.
 #
-# The integer kernels walk the two halves of the ROI at once (rows k and k + half): four
-# memory streams instead of two. One core reads memory faster with more streams in flight
-# (measured on the 2-core test machine: image and background in two halves at once 8%
-# faster than front to back; the kernel 15% faster), and each pass adds two rows to `out`
-# for one load and store of it. Integer sums are exact, so the order does not matter.
-
-
-@njit(cache=True, nogil=True)
-def _sum_rows_minus_background_u16(image, background, ymin, ymax, out):  # type: ignore[no-untyped-def]
-    """out[c] += max(image[r, c] - background[r, c], 0) for r in [ymin, ymax); uint16 only."""
-    width = image.shape[1]
-    half = (ymax - ymin) // 2
-    for k in range(ymin, ymin + half):
-        row, dark = image[k], background[k]
-        row2, dark2 = image[k + half], background[k + half]
-        for c in range(width):
-            first = np.uint32(np.uint16(max(row[c], dark[c]) - dark[c]))
-            second = np.uint32(np.uint16(max(row2[c], dark2[c]) - dark2[c]))
-            out[c] += first + second
-    for r in range(ymin + 2 * half, ymax):  # the odd row out
-        row, dark = image[r], background[r]
-        for c in range(width):
-            out[c] += np.uint16(max(row[c], dark[c]) - dark[c])
+# The integer kernels walk two (or four) parts of the ROI at once (rows k and k + half):
+# more memory streams in flight, which one core reads faster than one or two, and each pass
+# adds two (four) rows to `out` for one load and store of it. Integer sums are exact, so the
+# order does not matter. A variant is kept only where it measurably gains on the camera's
+# frames (docs/performance.md, "Kernels").
 
 
 @njit(cache=True, nogil=True)
 def _sum_rows_minus_compact_background(  # type: ignore[no-untyped-def]
     image, base, offsets, row_starts, columns, values, ymin, ymax, out
 ):
-    """As `_sum_rows_minus_background_u16`, the background given as a `CompactBackground`."""
+    """out[c] += max(image[r, c] - background[r, c], 0) for r in [ymin, ymax): the camera's
+    uint16 frame and dark frame, the latter as a `CompactBackground` (offsets uint8, or the
+    uint16 frame itself with base 0 and no outliers), into a uint32 `out`."""
     # max(p - (base + o), 0) as two saturating 16-bit subtractions, of base then of o: the
-    # same value, and 3-4% faster than adding base to o first.
+    # same value, without widening base + o past 16 bits.
     width = image.shape[1]
     half = (ymax - ymin) // 2
     level = np.uint16(base)
@@ -469,24 +517,16 @@ def _sum_rows_minus_background_float(image, background, ymin, ymax, out):  # typ
 
 
 @njit(cache=True, nogil=True)
-def _sum_rows(image, ymin, ymax, out):  # type: ignore[no-untyped-def]
-    """out[c] += image[r, c] for r in [ymin, ymax), front to back (floats: the order of a
-    float sum is part of its result)."""
-    width = image.shape[1]
-    for r in range(ymin, ymax):
-        row = image[r]
-        for c in range(width):
-            out[c] += row[c]
+def _sum_rows(image, ymin, ymax, out, in_order):  # type: ignore[no-untyped-def]
+    """out[c] += image[r, c] for r in [ymin, ymax).
 
-
-@njit(cache=True, nogil=True)
-def _sum_rows_int(image, ymin, ymax, out):  # type: ignore[no-untyped-def]
-    """out[c] += image[r, c] for r in [ymin, ymax), integers (exact in any order): the four
-    quarters of the ROI at once. Without a background the accumulator's load and store
-    weigh as much as the image's bytes; four rows per pass halve that (uint16 full frame:
-    1.6 -> 0.94 ms against a 0.77 ms read, where two rows per pass took 1.19)."""
+    Integers (exact in any order): the four quarters of the ROI at once. Without a
+    background the accumulator's load and store weigh as much as the image's bytes; four
+    rows per pass divide them by four. ``in_order`` (floats: the order of a float sum is
+    part of its result): front to back, one row per pass.
+    """
     width = image.shape[1]
-    quarter = (ymax - ymin) // 4
+    quarter = 0 if in_order else (ymax - ymin) // 4
     for k in range(ymin, ymin + quarter):
         a, b = image[k], image[k + quarter]
         c_, d = image[k + 2 * quarter], image[k + 3 * quarter]
@@ -494,7 +534,7 @@ def _sum_rows_int(image, ymin, ymax, out):  # type: ignore[no-untyped-def]
             out[c] += (out.dtype.type(a[c]) + out.dtype.type(b[c])) + (
                 out.dtype.type(c_[c]) + out.dtype.type(d[c])
             )
-    for r in range(ymin + 4 * quarter, ymax):  # up to three rows left
+    for r in range(ymin + 4 * quarter, ymax):  # in order: all rows; else up to three left
         row = image[r]
         for c in range(width):
             out[c] += row[c]
@@ -507,7 +547,7 @@ def spectrum(image: np.ndarray, settings: Settings) -> np.ndarray:
 
 
 def _planned_spectrum(image: np.ndarray, plan: FramePlan) -> np.ndarray:
-    """The spectrum by the plan's kernel (the one-call path below runs the same kernels)."""
+    """The spectrum by the plan's kernel."""
     if image.dtype.itemsize == 8 and image.dtype.kind in "iu":
         _check_64_bit_sum(image, plan)
     out = np.zeros(image.shape[1], dtype=plan.spectrum_dtype)
@@ -529,13 +569,14 @@ def _check_64_bit_sum(image: np.ndarray, plan: FramePlan) -> None:
     if plan.background is not None:  # each term is max(p - q, 0), computed in the sum's dtype
         high, low = high - int(plan.background.min()), 0
         if high > info.max:
-            raise FrameMismatchError("image", f"pixel minus background up to {high} overflows "
-                                     f"a 64-bit integer: the frame cannot be summed exactly")
+            raise FrameMismatchError(
+                Mismatch.IMAGE, f"pixel minus background up to {high} overflows a 64-bit "
+                "integer: the frame cannot be summed exactly")
     n = ymax - ymin
     if high * n > info.max or low * n < info.min:
-        raise FrameMismatchError("image", f"{image.dtype} pixels up to {max(high, -low)} over "
-                                 f"{n} rows overflow the 64-bit sum: the frame cannot be "
-                                 "summed exactly")
+        raise FrameMismatchError(
+            Mismatch.IMAGE, f"{image.dtype} pixels up to {max(high, -low)} over {n} rows "
+            "overflow the 64-bit sum: the frame cannot be summed exactly")
 
 
 def _add_rows(
@@ -543,15 +584,10 @@ def _add_rows(
 ) -> None:
     """The kernel for these dtypes: out[c] += the clipped difference of rows [ymin, ymax)."""
     if background is None:
-        if out.dtype.kind == "f":
-            _sum_rows(image, ymin, ymax, out)
-        else:
-            _sum_rows_int(image, ymin, ymax, out)
+        _sum_rows(image, ymin, ymax, out, out.dtype.kind == "f")
     elif out.dtype == np.float64:
         _sum_rows_minus_background_float(image, background, ymin, ymax, out)
-    elif _is_camera_case(image.dtype, background.dtype, out.dtype):
-        _sum_rows_minus_background_u16(image, background, ymin, ymax, out)
-    else:
+    else:  # the camera's uint16 case has its own kernel (`FramePlan.compact_background`)
         _sum_rows_minus_background_int(image, background, ymin, ymax, out)
 
 
@@ -562,9 +598,9 @@ def _is_camera_case(image_dtype: Any, background_dtype: Any, spectrum_dtype: Any
 
 def _kernel_image(image: Any) -> np.ndarray:
     if not isinstance(image, np.ndarray):
-        raise FrameMismatchError("image", f"image must be a numpy array, got {type(image)}")
+        raise FrameMismatchError(Mismatch.IMAGE, f"image must be a numpy array, got {type(image)}")
     if image.dtype.kind not in "uif":
-        raise FrameMismatchError("image", f"image dtype {image.dtype} is not numeric")
+        raise FrameMismatchError(Mismatch.IMAGE, f"image dtype {image.dtype} is not numeric")
     if not image.dtype.isnative:  # numba works on native byte order only
         image = image.astype(image.dtype.newbyteorder("="))
     if image.dtype == np.float16:
@@ -594,103 +630,14 @@ def _column_axis(width: int) -> np.ndarray:
     return axis
 
 
-class _FitView:
-    """The fit's values as attributes of a result (both kinds of result carry a `fit`)."""
+class Result(NamedTuple):
+    """Everything computed from one frame; ``fit`` holds the fit and the moments (its values
+    are NaN unless ``fit.ok``). Immutable: a named tuple, cheap to make once per frame."""
 
-    __slots__ = ()
-    fit: FitResult
-
-    @property
-    def center(self) -> float:
-        return self.fit.center
-
-    @property
-    def fwhm(self) -> float:
-        return self.fit.fwhm
-
-    @property
-    def amplitude(self) -> float:
-        return self.fit.amplitude
-
-    @property
-    def offset(self) -> float:
-        return self.fit.offset
-
-    @property
-    def sigma(self) -> float:
-        return self.fit.sigma
-
-    @property
-    def com(self) -> float:
-        return self.fit.com
-
-    @property
-    def rms(self) -> float:
-        return self.fit.rms
-
-    @property
-    def fit_curve(self) -> np.ndarray | None:
-        return self.fit.curve
-
-    @property
-    def chi2_reduced(self) -> float:
-        return self.fit.chi2_reduced
-
-    @property
-    def fit_status(self) -> FitStatus:
-        return self.fit.status
-
-    @property
-    def fit_reason(self) -> str:
-        return self.fit.reason
-
-    @property
-    def fit_ok(self) -> bool:
-        return self.fit.ok
-
-
-class _ResultFields(NamedTuple):
     spectrum: np.ndarray
     axis: np.ndarray
     roi: tuple[int, int]
     fit: FitResult
-
-
-class Result(_ResultFields, _FitView):
-    """Everything computed from one frame. Fit values are NaN unless ``fit_ok``.
-
-    Immutable (a named tuple: made per frame in half the time of a frozen dataclass).
-    """
-
-    __slots__ = ()
-
-
-@njit(cache=True, nogil=True)
-def _spectrum_and_fit_u16(  # type: ignore[no-untyped-def]
-    image, base, offsets, row_starts, columns, values, ymin, ymax, axis, normalised_axis,
-    axis_numbers, fit_enabled, min_snr, max_iterations,
-):  # base .. values: FramePlan.compact_background; after ymax: FramePlan.fit_args
-    """The camera's case in one compiled call: uint16 kernel, then moments and fit.
-
-    Returns (spectrum, fitted curve, `analyse` result). Straight after the kernel has
-    streamed megabytes through the caches, every line of Python run is fetched from memory
-    again (an empty call from Python measured 3 us warm, 17 us so): one call, with the
-    arrays made in compiled code, instead of two calls and the Python between them.
-    """
-    width = image.shape[1]
-    out = np.zeros(width, dtype=np.uint32)
-    _sum_rows_minus_compact_background(
-        image, base, offsets, row_starts, columns, values, ymin, ymax, out
-    )
-    spectrum = np.empty(width)
-    for c in range(width):
-        spectrum[c] = out[c]
-    curve = np.empty(width)
-    analysis = analyse_on_axis(
-        spectrum, curve, axis, normalised_axis, axis_numbers, fit_enabled, min_snr,
-        max_iterations,
-    )
-    return out, curve, analysis
 
 
 def process(image: np.ndarray, settings: Settings) -> Result:
@@ -701,7 +648,7 @@ def process(image: np.ndarray, settings: Settings) -> Result:
     """
     # The steady state: a frame of the shape and dtype of the last one goes straight to its
     # plan. Every line of Python here runs from cold caches (the previous frame streamed
-    # megabytes through them): the checks and lookups below cost 30-60 us a frame so.
+    # megabytes through them), so the checks and lookups below are left out for it.
     recent = settings._recent
     if recent and type(image) is np.ndarray:
         shape, dtype, plan = recent[0]
@@ -714,15 +661,9 @@ def process(image: np.ndarray, settings: Settings) -> Result:
 
 
 def _process_planned(image: np.ndarray, plan: FramePlan) -> Result:
-    if plan.compact_background is not None:
-        out, curve, analysis = _spectrum_and_fit_u16(
-            image, *plan.compact_background, *plan.rows, *plan.fit_args
-        )
-    else:
-        out = _planned_spectrum(image, plan)
-        curve = np.empty(out.shape[0])
-        values = out.astype(np.float64, copy=False)
-        analysis = analyse_on_axis(values, curve, *plan.fit_args)
+    out = _planned_spectrum(image, plan)
+    curve = np.empty(out.shape[0])
+    analysis = analyse_on_axis(out.astype(np.float64, copy=False), curve, *plan.fit_args)
     return Result(out, plan.axis, plan.rows, result_of(analysis, curve))
 
 
@@ -741,17 +682,13 @@ def warm_up() -> None:
         RunningAverage(2).add(result)
 
 
-class _AveragedFields(NamedTuple):
+class AveragedResult(NamedTuple):
+    """Mean spectrum of the last ``count`` shots and its ``fit`` (immutable, as `Result`)."""
+
     spectrum: np.ndarray
     axis: np.ndarray
     count: int
     fit: FitResult
-
-
-class AveragedResult(_AveragedFields, _FitView):
-    """Mean spectrum of the last ``count`` shots and its fit (immutable, as `Result`)."""
-
-    __slots__ = ()
 
 
 class RunningAverage:

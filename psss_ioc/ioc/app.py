@@ -32,9 +32,8 @@ import numpy as np
 from epicscorelibs.ca.dbr import ca_timestamp
 from softioc import alarm, asyncio_dispatcher, builder, softioc
 
-from psss_ioc.core import background as bgfile
 from psss_ioc.core import processing
-from psss_ioc.core.processing import AveragedResult, FrameMismatchError, Result, Settings
+from psss_ioc.core.processing import AveragedResult, Mismatch, Result, Settings
 from psss_ioc.ioc import access, memory, pvs, record_writer
 from psss_ioc.ioc.config import (
     ENV_AUTOSAVE_DIR,
@@ -51,21 +50,13 @@ from psss_ioc.ioc.config import (
     autosave_dir_of,
     prefix_problem,
 )
-from psss_ioc.ioc.control import WHOLE_IMAGE, RoiControl, RoiOutcome, roi_setting
+from psss_ioc.ioc.control import WHOLE_IMAGE, Control, Refused, check_range
 from psss_ioc.ioc.parameters import LegacyParameters
-from psss_ioc.ioc.pvs import PV, AutosaveState, BackgroundState, Kind, SettingState, State
+from psss_ioc.ioc.pvs import PV, AutosaveState, Kind, State
 from psss_ioc.ioc.record_writer import FrameChainWriter
 from psss_ioc.ioc.settings_file import SettingsFile
-from psss_ioc.pipeline.worker import (
-    BAD_IMAGE,
-    MISSING_CHANNEL,
-    FrameLike,
-    Pipeline,
-    ResultSink,
-    SourceFactory,
-    SourceFault,
-    Statistics,
-)
+from psss_ioc.pipeline.source import FrameLike, SourceFactory
+from psss_ioc.pipeline.worker import Pipeline, ResultSink, Statistics
 from psss_ioc.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -315,6 +306,17 @@ def write_database(path: Path, prefix: str = "$(P)") -> None:
     builder.WriteRecords(str(path))
 
 
+# Setting records whose on_update runs for a put of the value they hold (a file name put again
+# loads the file again)
+_ALWAYS_UPDATE = frozenset({pvs.BACKGROUND_FILE.name})
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    return bool(a == b)
+
+
 def _clip_message(text: str) -> str:
     data = text.encode(errors="replace")
     limit = pvs.MESSAGE_LENGTH - 1
@@ -331,12 +333,12 @@ def _saturated(count: int) -> int:
 class RecordPublisher:
     """The pipeline's Publisher: writes results, state and statistics into the records."""
 
-    def __init__(self, records: dict[str, Any], prefix: str) -> None:
+    def __init__(self, records: dict[str, Any], prefix: str, control: Control) -> None:
         self.r = records
         self._prefix = prefix
+        self._control = control  # told whether the settings fit the frames
         self._axis: np.ndarray | None = None
         self._roi_rbv: tuple[int, int] | None = None
-        self.roi_waits = False  # the ROI limits written are no pair (see RoiControl)
         # one per chain (by its head's name), made on first use: they need the loaded database
         self._writers: dict[str, FrameChainWriter] = {}
 
@@ -368,22 +370,23 @@ class RecordPublisher:
             self._set(pvs.SPECTRUM_AXIS, result.axis, timestamp=_timestamp(frame))
         if result.roi != self._roi_rbv:
             self.show_roi_rows(result.roi)
-        curve = result.fit_curve
+        fit = result.fit
+        curve = fit.curve
         values: dict[str, Any] = {
             pvs.PULSE_ID.name: int(frame.pulse_id),
-            pvs.SPECTRUM_CENTER.name: result.center,
-            pvs.SPECTRUM_FWHM.name: result.fwhm,
-            pvs.SPECTRUM_AMPLITUDE.name: result.amplitude,
-            pvs.SPECTRUM_OFFSET.name: result.offset,
-            pvs.SPECTRUM_COM.name: result.com,
-            pvs.SPECTRUM_STD.name: result.rms,
-            pvs.FIT_CHI2.name: result.chi2_reduced,
-            pvs.FIT_STATUS.name: int(result.fit_status),
+            pvs.SPECTRUM_CENTER.name: fit.center,
+            pvs.SPECTRUM_FWHM.name: fit.fwhm,
+            pvs.SPECTRUM_AMPLITUDE.name: fit.amplitude,
+            pvs.SPECTRUM_OFFSET.name: fit.offset,
+            pvs.SPECTRUM_COM.name: fit.com,
+            pvs.SPECTRUM_STD.name: fit.rms,
+            pvs.FIT_CHI2.name: fit.chi2_reduced,
+            pvs.FIT_STATUS.name: int(fit.status),
             pvs.SPECTRUM_FIT.name: curve if curve is not None else _EMPTY,
             pvs.SPECTRUM_Y.name: result.spectrum,
             # not averaging: the average records show no value rather than repeat an old one
-            pvs.SPECTRUM_AVG_CENTER.name: average.center if average is not None else math.nan,
-            pvs.SPECTRUM_AVG_FWHM.name: average.fwhm if average is not None else math.nan,
+            pvs.SPECTRUM_AVG_CENTER.name: average.fit.center if average is not None else math.nan,
+            pvs.SPECTRUM_AVG_FWHM.name: average.fit.fwhm if average is not None else math.nan,
             pvs.SPECTRUM_AVG_Y.name: average.spectrum if average is not None else _EMPTY,
         }
         # One GIL-free step under the chain's lock: CA and PVA see this frame's values together.
@@ -416,31 +419,12 @@ class RecordPublisher:
         self._set(pvs.ROI_YMIN_RBV, rows[0])
         self._set(pvs.ROI_YMAX_RBV, rows[1])
 
-    def show_roi_status(self, fits: bool) -> None:
-        """The one place ROI_STATUS is decided: a written pair that waits wins over whether
-        the pair in force fits the frames."""
-        state = (SettingState.PAIR_INVALID if self.roi_waits
-                 else SettingState.OK if fits else SettingState.INVALID)
-        self._set(pvs.ROI_STATUS, int(state))
-
-    def publish_rejected(self, kind: str, message: str, in_force: Settings) -> None:
-        if kind == "roi":
-            self.show_roi_status(fits=False)
-        elif kind == "background_shape":
-            self._set(pvs.BACKGROUND_STATUS, int(BackgroundState.ERROR))
-        elif kind == "axis_length":
-            self._set(pvs.AXIS_STATUS, int(SettingState.INVALID))
+    def publish_rejected(self, kind: Mismatch, message: str, in_force: Settings) -> None:
+        self._control.frame_fit(kind, message)
         self.message(message, error=True)
 
-    def publish_accepted(self, kind: str, message: str, in_force: Settings) -> None:
-        if kind == "roi":
-            self.show_roi_status(fits=True)
-        elif kind == "background_shape":
-            loaded = in_force.background is not None
-            self._set(pvs.BACKGROUND_STATUS,
-                      int(BackgroundState.LOADED if loaded else BackgroundState.NONE))
-        elif kind == "axis_length":
-            self._set(pvs.AXIS_STATUS, int(SettingState.OK))
+    def publish_accepted(self, kind: Mismatch, message: str, in_force: Settings) -> None:
+        self._control.frame_fit(kind, None)
         self.message(message)
 
     def publish_message(self, message: str, error: bool) -> None:
@@ -448,7 +432,7 @@ class RecordPublisher:
 
 
 class PsssIoc:
-    """The records, the pipeline and the callbacks between them."""
+    """The records, the pipeline, and the record callbacks into the control layer."""
 
     def __init__(
         self,
@@ -463,39 +447,39 @@ class PsssIoc:
         # is 1000 notices a second).
         self._log_limit = RateLimitedLog(log, period=1.0)
         factory = source_factory or default_source_factory(config)
-        self.pipeline = Pipeline(factory, sender=sender,
-                                 source_counters=_source_counters, source_fault=_source_fault,
-                                 max_width=pvs.MAX_WIDTH)
+        self.pipeline = Pipeline(factory, sender=sender, max_width=pvs.MAX_WIDTH)
         self.pipeline.set_input(config.input_stream, config.input_mode)
-        self.roi = RoiControl(lambda roi: self.pipeline.configure(roi=roi), self._show_roi)
         # GET /parameters and the output stream's processing_parameters: one view
         self.sender = sender
         self.parameters = LegacyParameters(lambda pv: self.rec(pv).get())
         if hasattr(sender, "parameters_view"):
             sender.parameters_view = self.parameters.view  # type: ignore[union-attr]
+        self.control = Control(self.pipeline, self, config.allowed_background_dirs,
+                               self.parameters)
+        self._alarmed: set[str] = set()  # setting records shown in alarm (show_value)
+        self._echo: dict[str, Any] = {}  # values show_value wrote to _ALWAYS_UPDATE records
 
     # -------------------------------------------------------------- building
     def build(self) -> None:
         builder.SetDeviceName(self.config.prefix)
+        c = self.control
+        # validate: accept or refuse only (the record keeps its value); on_update: the control
+        # layer applies. Blocking: a put with completion (caput -c) returns once applied.
         cb: dict[str, dict[str, Any]] = {
             pvs.START.name: {"on_update": self._on_start, "blocking": True},
             pvs.STOP.name: {"on_update": self._on_stop, "blocking": True},
-            pvs.INPUT_STREAM.name: {"validate": self._validate_input_stream,
-                                    "on_update": self._on_input_stream, "blocking": True},
-            pvs.INPUT_MODE.name: {"validate": self._validate_input_mode,
-                                  "on_update": self._on_input_mode, "blocking": True},
-            # each limit takes the value written; RoiControl decides the pair in force
-            pvs.SPC_ROI_YMIN.name: {"on_update": lambda v: self._write_roi(ymin=int(v)),
-                                    "blocking": True},
-            pvs.SPC_ROI_YMAX.name: {"on_update": lambda v: self._write_roi(ymax=int(v)),
-                                    "blocking": True},
-            pvs.SPECTRUM_X.name: {"validate": self._validate_axis, "on_update": self._on_axis},
+            pvs.INPUT_STREAM.name: self._callbacks(c.check_input_stream, c.set_input_stream),
+            pvs.INPUT_MODE.name: self._callbacks(c.check_input_mode, c.set_input_mode),
+            # each limit takes the value written; the ROI pair rule decides the pair in force
+            pvs.SPC_ROI_YMIN.name: self._callbacks(None, lambda v: c.write_roi(ymin=int(v))),
+            pvs.SPC_ROI_YMAX.name: self._callbacks(None, lambda v: c.write_roi(ymax=int(v))),
+            pvs.SPECTRUM_X.name: self._callbacks(c.check_axis, c.set_axis),
             pvs.BACKGROUND_FILE.name: {"on_update": self._on_background, "blocking": True,
                                        "always_update": True},
-            pvs.AVG_N.name: {"validate": self._validate_avg_n},
-            pvs.FIT_ENABLE.name: {"validate": self._validate_fit_enable},
-            pvs.FIT_MIN_SNR.name: {"validate": self._validate_min_snr},
-            pvs.PARAMETERS_EXTRA.name: {"validate": self.parameters.validator(self.message)},
+            pvs.AVG_N.name: self._callbacks(c.check_average_n, c.set_average_n),
+            pvs.FIT_ENABLE.name: self._callbacks(c.check_fit_enabled, c.set_fit_enabled),
+            pvs.FIT_MIN_SNR.name: self._callbacks(c.check_min_snr, c.set_min_snr),
+            pvs.PARAMETERS_EXTRA.name: self._callbacks(c.check_extra, c.set_extra),
         }
         for pv in pvs.TABLE:
             callbacks = cb.get(pv.name, {})
@@ -506,7 +490,7 @@ class PsssIoc:
         self.records[pvs.INPUT_STREAM.name].set(self.config.input_stream, process=False)
         self.records[pvs.INPUT_MODE.name].set(
             int(pvs.InputMode[self.config.input_mode.upper()]), process=False)
-        self.publisher = RecordPublisher(self.records, self.config.prefix)
+        self.publisher = RecordPublisher(self.records, self.config.prefix, self.control)
         self.pipeline.publisher = self.publisher
 
     def rec(self, pv: PV) -> Any:
@@ -517,172 +501,88 @@ class PsssIoc:
         if self.publisher is not None:
             self.publisher.message(text, error)
 
-    # -------------------------------------------------------------- control callbacks
-    async def _on_start(self, value: int) -> None:
-        if not value:
-            return
-        try:
-            self.pipeline.start()
-        except ValueError as e:
-            self.message(f"cannot start: {e}", error=True)
+    # -------------------------------------------------------------- the control layer's View
+    def show_value(self, pv: PV, value: Any, alarmed: bool = False) -> None:
+        record = self.rec(pv)
+        severity = alarm.MAJOR_ALARM if alarmed else alarm.NO_ALARM
+        status = alarm.STATE_ALARM if alarmed else alarm.NO_ALARM
+        changed = not _same_value(record.get(), value)  # written by REST, restore, ...
+        if not (changed or alarmed or pv.name in self._alarmed):
+            return  # (a put's own value: the record shows it already)
+        if changed:
+            record.set(value, process=False, severity=severity, alarm=status)
+        if pv.name in _ALWAYS_UPDATE:  # its processing calls on_update: tell it apart
+            self._echo[pv.name] = value
+        # set_alarm processes the record (an output record's set_alarm is a put of its own
+        # value: no on_update unless always_update), so monitors see the value and alarm
+        record.set_alarm(severity, status)
+        (self._alarmed.add if alarmed else self._alarmed.discard)(pv.name)
 
-    async def _on_stop(self, value: int) -> None:
-        if not value:
-            return
-        await asyncio.get_running_loop().run_in_executor(None, self.pipeline.stop)
+    def show_status(self, pv: PV, state: int) -> None:
+        self.rec(pv).set(state)
 
-    def _validate_input_stream(self, record: Any, value: str) -> bool:
-        """A malformed address is refused (the stream in use stays); empty means no input."""
-        from psss_ioc.streams.stream import parse_address
+    def show_roi_rows(self, rows: tuple[int, int]) -> None:
+        if self.publisher is not None:
+            self.publisher.show_roi_rows(rows)
 
-        if value.strip():
+    # -------------------------------------------------------------- record callbacks
+    def _callbacks(self, check: Callable[[Any], Any] | None,
+                   apply: Callable[[Any], Any]) -> dict[str, Any]:
+        """softioc callbacks of a setting record: `check` refuses a value (the record keeps
+        its old one, MESSAGE says why), `apply` puts it in force (the control layer)."""
+        callbacks: dict[str, Any] = {"on_update": self._applier(apply), "blocking": True}
+        if check is not None:
+            def validate(record: Any, value: Any) -> bool:
+                try:
+                    check(value)
+                except Refused as e:
+                    self.message(str(e), error=True)
+                    return False
+                return True
+
+            callbacks["validate"] = validate
+        return callbacks
+
+    def _applier(self, apply: Callable[[Any], Any]) -> Callable[[Any], None]:
+        def on_update(value: Any) -> None:
             try:
-                parse_address(value)
-            except ValueError as e:
-                self.message(f"INPUT_STREAM refused: {e}", error=True)
-                return False
-        return True
+                apply(value)
+            except Refused as e:  # (e.g. the image size changed since validate)
+                self.message(str(e), error=True)
 
-    async def _on_input_stream(self, value: str) -> None:
-        self.pipeline.set_input(value, None)
-        self.message(f"input stream set to {value!r}")
+        return on_update
 
-    def _validate_input_mode(self, record: Any, value: int) -> bool:
-        """The mbbo takes any state number 0..15, not only the two defined ones."""
-        if value not in {m.value for m in pvs.InputMode}:
-            self.message(f"INPUT_MODE refused: {value} is not one of "
-                         f"{', '.join(f'{m.value} ({m.name})' for m in pvs.InputMode)}",
-                         error=True)
-            return False
-        return True
-
-    async def _on_input_mode(self, value: int) -> None:
-        mode = pvs.InputMode(value).name
-        self.pipeline.set_input(self.pipeline.input[0], mode)
-        self.message(f"input mode set to {mode}")
-
-    # -------------------------------------------------------------- settings callbacks
     def _validate_range(self, pv: PV, then: Callable[[Any, Any], bool] | None
                         ) -> Callable[[Any, Any], bool]:
         """Refuse a value outside the PV's limits (with the reason), then run `then`."""
-        low = -math.inf if pv.low is None else pv.low
-        high = math.inf if pv.high is None else pv.high
-
         def validate(record: Any, value: Any) -> bool:
-            if not low <= value <= high:  # NaN too
-                self.message(f"{pv.name} refused: {value} is outside {low:g}..{high:g}",
-                             error=True)
+            try:
+                check_range(pv, value)
+            except Refused as e:
+                self.message(str(e), error=True)
                 return False
             return then is None or then(record, value)
 
         return validate
 
-    def _try_configure(self, what: str, **changes: Any) -> bool:
+    async def _on_start(self, value: int) -> None:
+        if not value:
+            return
         try:
-            self.pipeline.configure(**changes)
-        except ValueError as e:
-            self.message(f"{what} refused: {e}", error=True)
-            return False
-        return True
+            self.control.start()
+        except Refused as e:
+            self.message(str(e), error=True)
 
-    def _write_roi(self, ymin: int | None = None, ymax: int | None = None) -> None:
-        try:
-            self.roi.write(ymin, ymax)
-        except ValueError as e:
-            self.message(f"ROI refused: {e}", error=True)
-
-    def _show_roi(self, outcome: RoiOutcome) -> None:
-        """Records, alarms, readbacks and MESSAGE for one ROI decision (see RoiControl)."""
-        severity = alarm.MAJOR_ALARM if outcome.waiting else alarm.NO_ALARM
-        status = alarm.STATE_ALARM if outcome.waiting else alarm.NO_ALARM
-        for pv, value in zip((pvs.SPC_ROI_YMIN, pvs.SPC_ROI_YMAX), outcome.written,
-                             strict=True):
-            record = self.rec(pv)
-            if record.get() != value:  # written by REST, restore or an external PV
-                record.set(value, process=False, severity=severity, alarm=status)
-            record.set_alarm(severity, status)
-        assert self.publisher is not None
-        self.publisher.roi_waits = outcome.waiting
-        text = outcome.message()
-        shape = self.pipeline.image_shape
-        in_force = roi_setting(outcome.in_force)
-        try:  # in force, but used only while it fits the frames (the pipeline checks each)
-            rows = Settings(roi=in_force).check_frame(shape) if shape else outcome.in_force
-            fits = True
-        except FrameMismatchError as e:
-            fits = False
-            text = f"{text}; not used until it fits: {e}"
-        self.publisher.show_roi_status(fits)
-        if fits:
-            self.publisher.show_roi_rows(rows)
-        self.message(text, error=outcome.waiting or not fits)
-
-    def _axis_value(self, value: Any) -> np.ndarray | None:
-        axis = np.asarray(value, dtype=np.float64)
-        return None if axis.size == 0 else axis
-
-    def _validate_axis(self, record: Any, value: Any) -> bool:
-        axis = self._axis_value(value)
-        shape = self.pipeline.image_shape
-        if axis is not None and shape is not None and axis.size != shape[1]:
-            self.message(f"SPECTRUM_X refused: {axis.size} values but the image has "
-                         f"{shape[1]} columns", error=True)
-            return False
-        return self._try_configure("SPECTRUM_X", axis=axis)
-
-    def _on_axis(self, value: Any) -> None:
-        self.rec(pvs.AXIS_STATUS).set(int(SettingState.OK))
-        n = np.asarray(value).size
-        self.message(f"energy axis set ({n} values)" if n else "energy axis: column index")
-
-    def _validate_avg_n(self, record: Any, value: int) -> bool:
-        try:
-            self.pipeline.set_average_n(value)
-        except ValueError as e:
-            self.message(f"AVG_N refused: {e}", error=True)
-            return False
-        return True
-
-    def _validate_fit_enable(self, record: Any, value: int) -> bool:
-        return self._try_configure("FIT_ENABLE", fit_enabled=bool(value))
-
-    def _validate_min_snr(self, record: Any, value: float) -> bool:
-        return self._try_configure("FIT_MIN_SNR", min_snr=float(value))
+    async def _on_stop(self, value: int) -> None:
+        if value:
+            await asyncio.get_running_loop().run_in_executor(None, self.control.stop)
 
     async def _on_background(self, value: str) -> None:
+        if self._echo.pop(pvs.BACKGROUND_FILE.name, None) == value:
+            return  # the control layer showed this value: nothing was written
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.apply_background, value)
-
-    def apply_background(self, path: str, restoring: bool = False) -> bool:
-        """Load a background file and make it current; on error keep the previous one.
-
-        A refused file name is put back to the one in force in the record, unless `restoring`
-        (start-up): then the record keeps the saved name, so a file that is only missing for
-        now (a share not mounted yet) is not forgotten by the next autosave.
-        """
-        status = self.rec(pvs.BACKGROUND_STATUS)
-        path = path.strip()
-        if not path:
-            self.pipeline.configure(background=None, background_name="")
-            status.set(int(BackgroundState.NONE))
-            self.message("background cleared")
-            return True
-        try:
-            image = bgfile.load(path, shape=self.pipeline.image_shape,
-                                allowed=self.config.allowed_background_dirs())
-            self.pipeline.configure(background=image, background_name=path)
-        except Exception as e:  # refused (BackgroundError, Settings: ValueError) or a bug
-            if not isinstance(e, ValueError):
-                log.error("loading the background %s failed", path, exc_info=True)
-            status.set(int(BackgroundState.ERROR))
-            kept = self.pipeline.settings.background_name
-            self.message(f"background refused: {e}; keeping {kept or 'none'}", error=True)
-            if not restoring:  # a refused name must not be autosaved over the good one
-                self.rec(pvs.BACKGROUND_FILE).set(kept, process=False)
-            return False
-        status.set(int(BackgroundState.LOADED))
-        self.message(f"background loaded from {path} ({image.shape[0]} x {image.shape[1]})")
-        return True
+        with contextlib.suppress(Refused):  # (shown by the control layer)
+            await loop.run_in_executor(None, self.control.set_background, value)
 
     # -------------------------------------------------------------- start-up
     def restore_settings(self, settings_file: SettingsFile | None
@@ -717,26 +617,26 @@ class PsssIoc:
             self.message(message, error=True)
 
     def apply_restored_settings(self) -> None:
-        """Autosave restores record values without callbacks: apply them once here."""
-        try:  # the same rule as a put: an invalid pair waits, alarmed, the whole image used
-            self.roi.write(int(self.rec(pvs.SPC_ROI_YMIN).get()),
-                           int(self.rec(pvs.SPC_ROI_YMAX).get()))
-        except ValueError as e:
-            self.roi.write(*WHOLE_IMAGE)
-            self.message(f"restored ROI refused: {e}; using the whole image", error=True)
-        self._try_configure("restored SPECTRUM_X",
-                            axis=self._axis_value(self.rec(pvs.SPECTRUM_X).get()))
-        self._try_configure("restored FIT_ENABLE",
-                            fit_enabled=bool(self.rec(pvs.FIT_ENABLE).get()))
-        self._try_configure("restored FIT_MIN_SNR",
-                            min_snr=float(self.rec(pvs.FIT_MIN_SNR).get()))
+        """The restored record values (put without callbacks) through the control layer,
+        by the same rules as a put: an invalid ROI pair waits, alarmed; a refused setting
+        keeps its default, with the reason in MESSAGE."""
+        c = self.control
         try:
-            self.pipeline.set_average_n(int(self.rec(pvs.AVG_N).get()))
-        except ValueError as e:
-            self.message(f"restored AVG_N refused: {e}", error=True)
+            c.write_roi(int(self.rec(pvs.SPC_ROI_YMIN).get()),
+                        int(self.rec(pvs.SPC_ROI_YMAX).get()))
+        except Refused as e:
+            c.write_roi(*WHOLE_IMAGE)
+            self.message(f"restored {e}; using the whole image", error=True)
+        for pv, apply in ((pvs.SPECTRUM_X, c.set_axis), (pvs.FIT_ENABLE, c.set_fit_enabled),
+                          (pvs.FIT_MIN_SNR, c.set_min_snr), (pvs.AVG_N, c.set_average_n)):
+            try:
+                apply(self.rec(pv).get())
+            except Refused as e:
+                self.message(f"restored {e}", error=True)
         path = self.rec(pvs.BACKGROUND_FILE).get()
         if path:
-            self.apply_background(path, restoring=True)
+            with contextlib.suppress(Refused):  # (shown by the control layer)
+                c.set_background(path, restoring=True)
 
     def follow_external_pvs(self) -> None:
         """Mirror external ROI/axis PVs (legacy deployment) into the local records."""
@@ -753,16 +653,19 @@ class PsssIoc:
         def follow_roi(limit: str) -> Callable[..., None]:
             def callback(value: Any = None, **_: Any) -> None:
                 if value is not None:  # the same rule as a put: a pair in between waits
-                    self._write_roi(**{limit: int(value)})
+                    try:
+                        self.control.write_roi(**{limit: int(value)})
+                    except Refused as e:
+                        self.message(str(e), error=True)
             return callback
 
         def follow_axis(value: Any = None, **_: Any) -> None:
             if value is None:
                 return
             try:
-                self.rec(pvs.SPECTRUM_X).set(np.asarray(value, dtype=np.float64))
-            except Exception as e:
-                self.message(f"following the external axis failed: {e}", error=True)
+                self.control.set_axis(np.asarray(value, dtype=np.float64))
+            except Refused as e:
+                self.message(f"following the external axis: {e}", error=True)
 
         self._external = []
         if self.config.roi_pvs:
@@ -797,34 +700,6 @@ def put_string_field(name: str, value: str) -> None:
     status = put(field.address, 0, buffer, 1)  # 0: DBR_STRING
     if status != 0:
         raise RuntimeError(f"writing {value!r} to {name} failed (status {status})")
-
-
-def _source_counters(source: Any) -> dict[str, int]:
-    """Malformed input counted by the stream (pulse gaps are counted by the pipeline)."""
-    counters = getattr(source, "counters", None)
-    if counters is None:
-        return {}
-    flat = counters.as_dict()
-    return {k: int(v) for k, v in flat.items()
-            if (k.startswith("malformed_") or k in ("missing_channel", "empty_image")) and v}
-
-
-def _source_fault(source: Any) -> SourceFault | None:
-    """The latest of the stream's "no image channel" and "unusable image" messages, if any
-    (`stream.SourceCounters`); the pipeline decides what state that makes."""
-    counters = getattr(source, "counters", None)
-    if counters is None:
-        return None
-    missing = getattr(counters, "missing_channel_time", None)
-    bad = getattr(counters, "bad_image_time", None)
-    if bad is not None and (missing is None or bad > missing):
-        return SourceFault(BAD_IMAGE, bad, channel=source.image_channel,
-                           reason=counters.bad_image)
-    if missing is not None:
-        return SourceFault(MISSING_CHANNEL, missing, channel=source.image_channel,
-                           channels_seen=counters.missing_channel_seen,
-                           n_channels=counters.missing_channel_n_channels)
-    return None
 
 
 def default_source_factory(config: IocConfig) -> SourceFactory:

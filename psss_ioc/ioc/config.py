@@ -10,20 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from psss_ioc.ioc import pvs
-
-DEFAULT_PREFIX = "SARFE10-PSSS059"
-DEFAULT_OUTPUT_PORT = 8889
-# Channel names of the output stream: psss_processing 1.8's (named after the PVs, the image in
-# its own stream on DEFAULT_IMAGE_PORT) or its README's (named after the image channel).
-V18_NAMES = "v1.8"
-DOCUMENT_NAMES = "document"
-OUTPUT_NAMES = (V18_NAMES, DOCUMENT_NAMES)
-DEFAULT_IMAGE_PORT = 8890
-# The largest camera image accepted, decoded, in MB (10^6 bytes; the PSSS camera's is 10.3):
-# a bigger one is refused before it is decompressed.
-DEFAULT_MAX_IMAGE_MB = 64
-IMAGE_CHANNEL_SUFFIX = ":FPICTURE"
-
+from psss_ioc.streams.channels import (
+    DEFAULT_IMAGE_PORT,
+    DEFAULT_MAX_IMAGE_MB,
+    DEFAULT_OUTPUT_PORT,
+    DEFAULT_PREFIX,
+    DOCUMENT_NAMES,
+    V18_NAMES,
+    image_channel_for,
+)
+from psss_ioc.streams.channels import OUTPUT_NAMES as OUTPUT_NAMES
 
 # Record names are <prefix>:<NAME>, at most 60 characters (EPICS).
 _LONGEST_NAME = max(len(pv.name) for pv in pvs.TABLE)
@@ -42,11 +38,6 @@ def prefix_problem(prefix: str) -> str | None:
         return (f"the prefix {prefix!r} is too long: record names are at most 60 characters, "
                 f"so the prefix may have {60 - 1 - _LONGEST_NAME}")
     return None
-
-
-def image_channel_for(prefix: str) -> str:
-    """The camera's bsread image channel, `<prefix>:FPICTURE`."""
-    return prefix + IMAGE_CHANNEL_SUFFIX
 
 
 # Environment variables a boot script (st.cmd) may set with epicsEnvSet.

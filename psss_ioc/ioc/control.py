@@ -1,16 +1,33 @@
-"""The rules that turn what operators write into the settings in force. No EPICS, no HTTP.
+"""The control layer: the one place that turns what operators write into the settings in
+force, and shows the outcome. No EPICS, no HTTP.
 
 The IOC's record callbacks, the REST shim, autosave restore and the external-PV mirror all
-write the ROI through `RoiControl`, so one place decides which rows are in force.
+write through `Control` (the ROI through its `RoiControl`): validation, the ROI pair rule,
+applying to the pipeline, the status records and the messages an operator sees are decided
+here. Persistence follows from the records: autosave saves what `View.show_value` put there.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
 
-from psss_ioc.core.processing import roi_rows
+import numpy as np
+
+from psss_ioc.core import background
+from psss_ioc.core.processing import Mismatch, Settings, roi_rows
+from psss_ioc.ioc import pvs
+from psss_ioc.ioc.parameters import LegacyParameters, parse_extra
+from psss_ioc.ioc.pvs import BackgroundState, SettingState
+from psss_ioc.pipeline.worker import Pipeline
+from psss_ioc.streams.channels import parse_address
+
+log = logging.getLogger(__name__)
 
 ROI_LIMIT_MAX = 65535  # a limit record takes 0..65535 (EPICS longout, any camera height)
 WHOLE_IMAGE = (0, 0)
@@ -119,3 +136,331 @@ class RoiControl:
             outcome = RoiOutcome(written, self._in_force, problem)
             self._show(outcome)
         return outcome
+
+
+class Refused(ValueError):
+    """A write the control layer did not take; the message says why. Nothing changed."""
+
+
+def check_range(pv: pvs.PV, value: Any) -> None:
+    """Refused if `value` is outside the limits of `pv` in the PV table (NaN too)."""
+    low = -math.inf if pv.low is None else pv.low
+    high = math.inf if pv.high is None else pv.high
+    if not low <= value <= high:
+        raise Refused(f"{pv.name} refused: {value} is outside {low:g}..{high:g}")
+
+
+class View(Protocol):
+    """What the control layer shows the operator (the IOC's records; a fake in tests)."""
+
+    def show_value(self, pv: pvs.PV, value: Any, alarmed: bool = False) -> None:
+        """The setting's record shows `value` (set without processing: its callbacks do not
+        run again), with a MAJOR alarm if `alarmed`, else none."""
+
+    def show_status(self, pv: pvs.PV, state: int) -> None:
+        """A status record (ROI_STATUS, AXIS_STATUS, BACKGROUND_STATUS) shows `state`."""
+
+    def show_roi_rows(self, rows: tuple[int, int]) -> None:
+        """ROI_YMIN_RBV / ROI_YMAX_RBV: the rows in force."""
+
+    def message(self, text: str, error: bool = False) -> None:
+        """MESSAGE (alarmed if `error`) and one log line."""
+
+
+class Control:
+    """The one place that decides the settings: the record callbacks (Channel Access and PV
+    Access puts), the REST shim, autosave restore and the external-PV mirror all call it.
+
+    Each setting has ``check_<setting>`` (refuses with `Refused`, changes nothing: softioc's
+    ``validate`` calls only this) and ``set_<setting>`` (checks, puts it in force in the
+    pipeline, shows the outcome: the record's value when another path wrote it, the status
+    records, MESSAGE). Writes are serialised. The status records ROI_STATUS, AXIS_STATUS and
+    BACKGROUND_STATUS are decided here only (`_show_statuses`): from what was written and from
+    whether the pipeline found it fits the frames (`frame_fit`).
+    """
+
+    def __init__(self, pipeline: Pipeline, view: View,
+                 background_dirs: Callable[[], Sequence[Path]],
+                 parameters: LegacyParameters) -> None:
+        self.pipeline = pipeline
+        self._view = view
+        self._background_dirs = background_dirs
+        self.parameters = parameters
+        self._lock = threading.RLock()
+        self.roi = RoiControl(lambda roi: self.pipeline.configure(roi=roi), self._show_roi)
+        # what does not fit the frames, by kind, as the pipeline last said (`frame_fit`)
+        self._misfit: dict[Mismatch, str] = {}
+        self._background_refused = False  # the last background written was refused
+
+    # ------------------------------------------------------------------ reads
+    @property
+    def image_shape(self) -> tuple[int, int] | None:
+        return self.pipeline.image_shape
+
+    def legacy_parameters(self) -> dict[str, Any]:
+        """GET /parameters: the same view as the output stream's processing_parameters."""
+        return self.parameters.view(self.pipeline.settings.describe())
+
+    # ------------------------------------------------------------------ processing
+    def start(self) -> None:
+        if not self.pipeline.input[0]:
+            raise Refused("cannot start: no input stream address set (INPUT_STREAM is empty)")
+        try:
+            self.pipeline.start()
+        except ValueError as e:
+            raise Refused(f"cannot start: {e}") from None
+
+    def stop(self) -> None:
+        self.pipeline.stop()
+
+    def check_input_stream(self, address: str) -> None:
+        """A malformed address is refused (the stream in use stays); empty means no input."""
+        if address.strip():
+            try:
+                parse_address(address)
+            except ValueError as e:
+                raise Refused(f"INPUT_STREAM refused: {e}") from None
+
+    def set_input_stream(self, address: str) -> None:
+        self.check_input_stream(address)
+        with self._lock:
+            self.pipeline.set_input(address, None)
+            self._view.show_value(pvs.INPUT_STREAM, address)
+        self._view.message(f"input stream set to {address!r}")
+
+    @staticmethod
+    def check_input_mode(mode: int) -> None:
+        if mode not in {m.value for m in pvs.InputMode}:
+            raise Refused(f"INPUT_MODE refused: {mode} is not one of "
+                          f"{', '.join(f'{m.value} ({m.name})' for m in pvs.InputMode)}")
+
+    def set_input_mode(self, mode: int) -> None:
+        self.check_input_mode(mode)
+        name = pvs.InputMode(mode).name
+        with self._lock:
+            self.pipeline.set_input(self.pipeline.input[0], name)
+            self._view.show_value(pvs.INPUT_MODE, mode)
+        self._view.message(f"input mode set to {name}")
+
+    # ------------------------------------------------------------------ ROI
+    def write_roi(self, ymin: int | None = None, ymax: int | None = None) -> RoiOutcome:
+        """One limit or both, by the ROI pair rule (`RoiControl`); Refused for a limit out of
+        range (nothing changed)."""
+        try:
+            return self.roi.write(ymin, ymax)
+        except ValueError as e:
+            raise Refused(f"ROI refused: {e}") from None
+
+    def check_roi_pair(self, pair: RoiPair) -> None:
+        """Both limits written at once (REST): a pair that is no ROI, or does not fit the
+        frames, would never be completed by another write, so it is refused up front."""
+        problem = (roi_limit_problem("ymin", pair[0]) or roi_limit_problem("ymax", pair[1])
+                   or roi_pair_problem(pair))
+        if problem is None and (reason := self._misfit_of(Mismatch.ROI, roi=roi_setting(pair))):
+            problem = reason
+        if problem:
+            raise Refused(f"roi refused: {problem}")
+
+    def _show_roi(self, outcome: RoiOutcome) -> None:
+        """Records, alarms and MESSAGE for one ROI decision (called by `RoiControl` under its
+        lock, so what is shown follows the order of the writes)."""
+        for pv, value in zip((pvs.SPC_ROI_YMIN, pvs.SPC_ROI_YMAX), outcome.written,
+                             strict=True):
+            self._view.show_value(pv, value, alarmed=outcome.waiting)
+        text = outcome.message()
+        reason = self._misfit_of(Mismatch.ROI, roi=roi_setting(outcome.in_force))
+        with self._lock:
+            self._roi_waits = outcome.waiting
+            if reason:
+                self._misfit[Mismatch.ROI] = reason
+                text = f"{text}; not used until it fits: {reason}"
+            else:
+                self._misfit.pop(Mismatch.ROI, None)
+                shape = self.pipeline.image_shape  # (no frame yet: the pair as written)
+                self._view.show_roi_rows(outcome.in_force if shape is None else
+                                         roi_rows(roi_setting(outcome.in_force), shape[0]))
+            self._show_statuses()
+        self._view.message(text, error=outcome.waiting or bool(reason))
+
+    def _misfit_of(self, kind: Mismatch, **changes: Any) -> str | None:
+        """Why the settings with `changes` would not fit the last frame's shape, for `kind`."""
+        shape = self.pipeline.image_shape
+        if shape is None:
+            return None
+        return replace(self.pipeline.settings, **changes).mismatches(shape).get(kind)
+
+    # ------------------------------------------------------------------ energy axis
+    def check_axis(self, value: Any) -> np.ndarray | None:
+        """The axis of a SPECTRUM_X value (None: the column index); Refused if it is no axis
+        (not monotonic, not finite, ...) or does not fit the frames' width.
+
+        Empty or all zeros means the column index: a Channel Access client cannot always
+        send an empty array (pyepics sends the record's length of zeros for ``[]``), and all
+        zeros is no energy axis.
+        """
+        axis = np.asarray(value, dtype=np.float64)
+        if axis.size == 0 or not axis.any():
+            return None
+        shape = self.pipeline.image_shape
+        if shape is not None and axis.size != shape[1]:
+            raise Refused(f"SPECTRUM_X refused: {axis.size} values but the image has "
+                          f"{shape[1]} columns")
+        try:
+            replace(self.pipeline.settings, axis=axis)
+        except ValueError as e:
+            raise Refused(f"SPECTRUM_X refused: {e}") from None
+        return axis
+
+    def set_axis(self, value: Any) -> None:
+        axis = self.check_axis(value)
+        with self._lock:
+            self.pipeline.configure(axis=axis)
+            self._view.show_value(pvs.SPECTRUM_X, axis if axis is not None else _NO_AXIS)
+            self._misfit.pop(Mismatch.AXIS, None)
+            self._show_statuses()
+        n = 0 if axis is None else axis.size
+        self._view.message(f"energy axis set ({n} values)" if n else "energy axis: column index")
+
+    # ------------------------------------------------------------------ background
+    def set_background(self, path: str, *, restoring: bool = False,
+                       requester_told: bool = False) -> None:
+        """Load a background file (or with "" clear it) and put it in force; Refused (the
+        previous one stays) with the reason. The file is read once, here.
+
+        A refusal is shown (BACKGROUND_STATUS Error, MESSAGE): a put's writer may never look
+        at its completion status. Not when `requester_told` (REST: the reply says why, and
+        the background in force did not change). A refused name is put back to the one in
+        force in BACKGROUND_FILE, unless `restoring` (start-up): then the record keeps the
+        saved name, so a file only missing for now (a share not mounted yet) is not
+        forgotten by the next autosave.
+        """
+        path = path.strip()
+        if not path:
+            with self._lock:
+                self.pipeline.configure(background=None, background_name="")
+                self._view.show_value(pvs.BACKGROUND_FILE, "")
+                self._background_refused = False
+                self._misfit.pop(Mismatch.BACKGROUND, None)
+                self._show_statuses()
+            self._view.message("background cleared")
+            return
+        try:
+            image = background.load(path, shape=self.pipeline.image_shape,
+                                    allowed=self._background_dirs())
+            with self._lock:
+                self.pipeline.configure(background=image, background_name=path)
+                self._view.show_value(pvs.BACKGROUND_FILE, path)
+                self._background_refused = False
+                self._misfit.pop(Mismatch.BACKGROUND, None)
+                self._show_statuses()
+        except Exception as e:  # refused (BackgroundError, Settings: ValueError) or a bug
+            if not isinstance(e, ValueError):
+                log.error("loading the background %s failed", path, exc_info=True)
+            if requester_told:
+                raise Refused(f"background refused: {e}") from None
+            with self._lock:
+                self._background_refused = True
+                kept = self.pipeline.settings.background_name
+                if not restoring:  # a refused name must not be autosaved over the good one
+                    self._view.show_value(pvs.BACKGROUND_FILE, kept)
+                self._show_statuses()
+            reason = f"background refused: {e}; keeping {kept or 'none'}"
+            self._view.message(reason, error=True)
+            raise Refused(f"background refused: {e}") from None
+        self._view.message(f"background loaded from {path} "
+                           f"({image.shape[0]} x {image.shape[1]})")
+
+    def upload_background(self, directory: Path, original: str, data: Any) -> Path:
+        """An uploaded image (legacy rows or a decoded array): checked, stored under a new
+        name in `directory` with the name it came under, loaded; older uploads pruned."""
+        image = background.background_array(data, self.pipeline.image_shape)
+        path = background.write_background(directory, original, image)
+        try:
+            self.set_background(str(path), requester_told=True)
+        finally:
+            background.prune_uploads(directory, self.pipeline.settings.background_name)
+        return path
+
+    # ------------------------------------------------------------------ scalars
+    @staticmethod
+    def check_average_n(n: Any) -> int:
+        check_range(pvs.AVG_N, n)
+        try:
+            return Pipeline.checked_average_n(n)
+        except ValueError as e:
+            raise Refused(f"AVG_N refused: {e}") from None
+
+    def set_average_n(self, n: Any) -> None:
+        n = self.check_average_n(n)
+        with self._lock:
+            self.pipeline.set_average_n(n)
+            self._view.show_value(pvs.AVG_N, n)
+
+    def check_fit_enabled(self, enabled: Any) -> bool:
+        return bool(self._checked("FIT_ENABLE", fit_enabled=bool(enabled)).fit_enabled)
+
+    def set_fit_enabled(self, enabled: Any) -> None:
+        value = self.check_fit_enabled(enabled)
+        with self._lock:
+            self.pipeline.configure(fit_enabled=value)
+            self._view.show_value(pvs.FIT_ENABLE, int(value))
+
+    def check_min_snr(self, snr: Any) -> float:
+        check_range(pvs.FIT_MIN_SNR, snr)
+        return self._checked("FIT_MIN_SNR", min_snr=float(snr)).min_snr
+
+    def set_min_snr(self, snr: Any) -> None:
+        value = self.check_min_snr(snr)
+        with self._lock:
+            self.pipeline.configure(min_snr=value)
+            self._view.show_value(pvs.FIT_MIN_SNR, value)
+
+    def _checked(self, name: str, **changes: Any) -> Settings:
+        try:
+            return replace(self.pipeline.settings, **changes)
+        except ValueError as e:
+            raise Refused(f"{name} refused: {e}") from None
+
+    @staticmethod
+    def check_extra(text: str) -> None:
+        try:
+            parse_extra(str(text))
+        except ValueError as e:
+            raise Refused(f"{pvs.PARAMETERS_EXTRA.name} refused: {e}") from None
+
+    def set_extra(self, text: str) -> None:
+        self.check_extra(text)
+        with self._lock:
+            self._view.show_value(pvs.PARAMETERS_EXTRA, text)
+
+    # ------------------------------------------------------------------ frames
+    def frame_fit(self, kind: Mismatch, reason: str | None) -> None:
+        """The pipeline found the setting of `kind` does not fit the frames (`reason`), or
+        fits them again (None): the status records follow."""
+        with self._lock:
+            if reason is None:
+                self._misfit.pop(kind, None)
+            else:
+                self._misfit[kind] = reason
+            self._show_statuses()
+
+    _roi_waits = False
+
+    def _show_statuses(self) -> None:
+        """The one place ROI_STATUS, AXIS_STATUS and BACKGROUND_STATUS are decided. A ROI pair
+        that waits wins over whether the pair in force fits the frames."""
+        misfit = self._misfit
+        roi = (SettingState.PAIR_INVALID if self._roi_waits
+               else SettingState.INVALID if Mismatch.ROI in misfit else SettingState.OK)
+        axis = SettingState.INVALID if Mismatch.AXIS in misfit else SettingState.OK
+        if self._background_refused or Mismatch.BACKGROUND in misfit:
+            bg = BackgroundState.ERROR
+        else:
+            loaded = self.pipeline.settings.background is not None
+            bg = BackgroundState.LOADED if loaded else BackgroundState.NONE
+        self._view.show_status(pvs.ROI_STATUS, int(roi))
+        self._view.show_status(pvs.AXIS_STATUS, int(axis))
+        self._view.show_status(pvs.BACKGROUND_STATUS, int(bg))
+
+
+_NO_AXIS = np.zeros(0)

@@ -5,28 +5,27 @@ Why: EPICS iocInit locks the whole process into RAM whenever real-time schedulin
 to it (``epicsThreadRealtimeLock``: ``mlockall(MCL_CURRENT | MCL_FUTURE)``; the IOC runs as
 root, or with an rtprio limit). For this IOC that lock costs memory and buys nothing:
 
-- every mapping becomes resident at once: shared libraries (llvmlite alone is 146 MB), the
-  8 MB stack of each of some 40 threads, BLAS buffers: about 400 MB more than unlocked;
-- camera frames (10 MB) are received by libzmq's IO thread into its glibc malloc arena (the
-  dynamic mmap threshold rises above the frame size after the first one is freed) and are
-  reused from there: the arena settles at the most frames in flight at once (a few, reached
-  in the first seconds). In a locked process memory freed inside an arena is never given
-  back (``madvise(MADV_DONTNEED)`` fails on locked pages) and every backlog populates a whole
-  new arena heap at once, so the RSS ratchets up to the largest backlog ever seen: +70 MB in
-  a 6000-frame 100 Hz soak on a loaded machine, still there after the queues drained.
-  Unlocked, the same soak ends 15 MB above its start: the RSS swings with the backlog and
-  comes back to the settled pool (at 30 Hz: +14 to +41 MB in the first seconds, then flat,
-  locked or not; the CPU per frame is the same, about 11.7 ms at 30 Hz).
+- every mapping becomes resident at once: shared libraries (llvmlite's is large), the stack of
+  each of the IOC's threads, BLAS buffers;
+- camera frames are received by libzmq's IO thread into its glibc malloc arena (the dynamic
+  mmap threshold rises above the frame size after the first one is freed) and are reused from
+  there: the arena settles at the most frames in flight at once. In a locked process memory
+  freed inside an arena is never given back (``madvise(MADV_DONTNEED)`` fails on locked pages)
+  and every backlog populates a whole new arena heap at once, so the RSS ratchets up to the
+  largest backlog ever seen and stays there after the queues drained. Unlocked, the RSS swings
+  with the backlog and comes back to the settled pool; the CPU per frame is the same.
 
 The processing is Python and numba with a garbage collector, not a hard real-time loop, and
-the frames in use are touched every 10 ms, so they are never paged out. The lock is released
-right after iocInit (`release_memory_lock`); ``PSSS_KEEP_MLOCK=1`` keeps it. (Pages it made
-resident stay so until the kernel wants them back: the absolute RSS right after the start does
-not drop, its growth does.)
+the frames in use are touched at every frame, so they are never paged out. The lock is
+released right after iocInit (`release_memory_lock`); ``PSSS_KEEP_MLOCK=1`` keeps it. (Pages it
+made resident stay so until the kernel wants them back: the absolute RSS right after the start
+does not drop, its growth does.)
 
 Not done instead: a fixed ``M_MMAP_THRESHOLD`` below the frame size (mallopt) also stops the
-growth, but then every frame is a fresh mmap whose pages the kernel zeroes: +4 to +5 ms of
-IOC CPU per frame here (11.7 -> 15.8 ms at 30 Hz), half a core at 100 Hz.
+growth, but then every frame is a fresh mmap whose pages the kernel zeroes, which costs more
+IOC CPU per frame than the lock costs memory.
+
+The measurements behind this: docs/performance.md, "bench soak" (memory lock).
 """
 
 from __future__ import annotations

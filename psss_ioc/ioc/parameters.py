@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from psss_ioc.core.background import uploaded_name
 from psss_ioc.ioc import pvs
 
 # The settings a client may set (GET returns them too); background_file is shown, read-only.
@@ -28,8 +29,6 @@ KNOWN = (*SETTABLE, BACKGROUND_FILE)
 MAX_EXTRA_KEYS = 32
 MAX_KEY_LENGTH = 64
 MAX_STRING_LENGTH = 256
-# The HDF5 attribute (on the file) that keeps the name a background was uploaded under.
-UPLOADED_NAME = "psss_uploaded_name"
 
 
 def value_problem(key: Any, value: Any) -> str | None:
@@ -87,20 +86,6 @@ def parse_extra(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"must be a JSON object, not {type(value).__name__}")
     return merged_extra({}, value)
-
-
-def uploaded_name(path: str) -> str | None:
-    """The name the background file at `path` was uploaded under, None if none is kept."""
-    try:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            name = f.attrs.get(UPLOADED_NAME)
-    except Exception:  # not HDF5, gone, unreadable: no uploaded name
-        return None
-    if isinstance(name, bytes):
-        name = name.decode(errors="replace")
-    return name if isinstance(name, str) else None
 
 
 class LegacyParameters:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Any
 
+from psss_ioc.core.fit_status import FitStatus
 from psss_ioc.pipeline.state import State
 
 
@@ -162,8 +163,8 @@ class SettingState(IntEnum):
     PAIR_INVALID = 2  # ROI only: the limits written are no pair (ymin >= ymax > 0); waits
 
 
-# Labels of FIT_STATUS, in the order of processing.FitStatus (OK=0 ... DISABLED=4).
-FIT_STATUS_LABELS = ("OK", "Low signal", "Not converged", "Invalid input", "Disabled")
+# Labels of FIT_STATUS, in the order of FitStatus (OK=0 ... DISABLED=4): the enum's own.
+FIT_STATUS_LABELS = tuple(status.label for status in FitStatus)
 
 # ---------------------------------------------------------------- control
 START = PV("START", Kind.ACTION, "Start processing (write 1)")
@@ -185,7 +186,7 @@ SPC_ROI_YMIN = PV("SPC_ROI_YMIN", Kind.LONG_OUT, "ROI first row (inclusive)", eg
                   low=0, high=65535, initial=0, autosave=True)
 SPC_ROI_YMAX = PV("SPC_ROI_YMAX", Kind.LONG_OUT, "ROI end row (excl.); 0 = to the last row",
                   egu="px", low=0, high=65535, initial=0, autosave=True)
-SPECTRUM_X = PV("SPECTRUM_X", Kind.WAVEFORM_OUT, "Energy axis per column (empty: index)",
+SPECTRUM_X = PV("SPECTRUM_X", Kind.WAVEFORM_OUT, "Energy axis per column (empty/0: index)",
                 egu="eV", prec=3, dtype="float64", nelm=MAX_WIDTH, autosave=True)
 BACKGROUND_FILE = PV("BACKGROUND_FILE", Kind.LONG_STRING_OUT, "Background file (.h5 /image, .npy)",
                      nelm=PATH_LENGTH, initial="", autosave=True)
@@ -234,13 +235,7 @@ SPECTRUM_FIT = PV("SPECTRUM_FIT", Kind.WAVEFORM_IN, "Fitted curve (for plotting)
                   dtype="float64", nelm=MAX_WIDTH, timestamped=True)
 FIT_STATUS = PV(
     "FIT_STATUS", Kind.MBB_IN, "Fit result of the last frame",
-    options=(
-        (FIT_STATUS_LABELS[0], NO_ALARM),
-        (FIT_STATUS_LABELS[1], MINOR),
-        (FIT_STATUS_LABELS[2], MINOR),
-        (FIT_STATUS_LABELS[3], MAJOR),
-        (FIT_STATUS_LABELS[4], NO_ALARM),
-    ),
+    options=tuple((status.label, status.severity) for status in FitStatus),
     timestamped=True, group_field="fit_status", initial=4,
 )
 FIT_CHI2 = PV("FIT_CHI2", Kind.AI, "Fit reduced chi-square", egu="chi2/dof", prec=3, low=0,

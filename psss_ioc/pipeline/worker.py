@@ -32,12 +32,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from psss_ioc.core.processing import (
+    SETTING_MISMATCHES,
     AveragedResult,
     FrameMismatchError,
+    Mismatch,
+    Resolution,
     Result,
     RunningAverage,
     Settings,
     process,
+    resolve_for_frame,
     roi_rows,
 )
 from psss_ioc.pipeline.source import (
@@ -56,14 +60,6 @@ from psss_ioc.ratelimit import RateLimitedLog
 log = logging.getLogger(__name__)
 
 _NUMBERS = re.compile(r"\d+")
-
-# Which Settings fields a FrameMismatchError kind refers to.
-MISMATCH_FIELDS: dict[str, tuple[str, ...]] = {
-    "roi": ("roi",),
-    "background_shape": ("background", "background_name"),
-    "axis_length": ("axis",),
-}
-
 
 # The largest pulse id gap counted as lost frames: a day at SwissFEL's 100 Hz. A larger jump
 # (or one backwards) is a camera restart or a corrupt message, not lost frames.
@@ -138,50 +134,32 @@ class Statistics:
     last_sent_time: float | None
     errors_by_kind: dict[str, int] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["state"] = self.state.name.lower()
-        d["n_processed_images"] = self.n_processed
-        d["last_sent_pulse_id"] = self.last_pulse_id
-        d["last_processing_duration_ms"] = self.proc_time_ms
-        return d
 
 
-def _same(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (
-            isinstance(a, np.ndarray)
-            and isinstance(b, np.ndarray)
-            and a.shape == b.shape
-            and bool(np.array_equal(a, b))
-        )
-    return bool(a == b)
+
+def _is_set(settings: Settings, kind: Mismatch) -> bool:
+    """Whether the operator set the setting of `kind` (not the default)."""
+    return any(value is not None and not (isinstance(value, str) and not value)
+               for value in (getattr(settings, f) for f in kind.fields))
 
 
-def _is_default(settings: Settings, kind: str) -> bool:
-    default = Settings()
-    return all(_same(getattr(settings, f), getattr(default, f)) for f in MISMATCH_FIELDS[kind])
-
-
-def _requested_text(kind: str, settings: Settings) -> str:
-    if kind == "roi" and settings.roi is not None:
+def _requested_text(kind: Mismatch, settings: Settings) -> str:
+    if kind == Mismatch.ROI and settings.roi is not None:
         ymin, ymax = settings.roi
         return f"ROI rows [{ymin}, {ymax})" if ymax else f"ROI rows from {ymin}"
-    if kind == "background_shape":
+    if kind == Mismatch.BACKGROUND:
         return f"background {settings.background_name or '(uploaded)'}"
-    if kind == "axis_length" and settings.axis is not None:
+    if kind == Mismatch.AXIS and settings.axis is not None:
         return f"energy axis of {settings.axis.shape[0]} values"
-    return kind
+    return str(kind)
 
 
-def _in_force_text(kind: str, settings: Settings, shape: tuple[int, ...]) -> str:
+def _in_force_text(kind: Mismatch, settings: Settings, shape: tuple[int, ...]) -> str:
     """What is used instead of a refused setting of `kind`."""
-    if kind == "roi":
+    if kind == Mismatch.ROI:
         ymin, ymax = roi_rows(settings.roi, shape[0])
         return f"using rows [{ymin}, {ymax})"
-    if kind == "background_shape":
+    if kind == Mismatch.BACKGROUND:
         if settings.background is None:
             return "using no background"
         return f"keeping background {settings.background_name or '(uploaded)'}"
@@ -239,9 +217,10 @@ class Pipeline:
         wait_timeout: seconds without a frame before the state becomes "Waiting for stream".
         error_hold: seconds an unexpected error keeps the state at ERROR.
         stats_period: seconds between statistics updates.
-        source_counters: the source's error counters by kind (for the statistics).
+        source_counters: the source's error counters by kind (for the statistics); default:
+            the source's own ``errors()``, if it has one.
         source_fault: what the source saw in messages it made no frame of (see `SourceFault`),
-            or None; asked while no good frame arrives.
+            or None; asked while no good frame arrives; default: the source's ``fault()``.
         max_width: the widest image whose spectrum the publisher can show (the records'
             length); wider frames are refused as unusable images. None: no limit.
     """
@@ -266,7 +245,7 @@ class Pipeline:
         self._requested = settings if settings is not None else Settings()
         self._in_force = self._requested
         self._lock = threading.Lock()
-        self._average_n = self._check_average_n(average_n)
+        self._average_n = self.checked_average_n(average_n)
         self._average: RunningAverage | None = None
         self._average_settings: Settings | None = None
         self.wait_timeout = wait_timeout
@@ -304,11 +283,6 @@ class Pipeline:
         return self._requested
 
     @property
-    def settings_in_force(self) -> Settings:
-        """The settings the last processed frame was processed with."""
-        return self._in_force
-
-    @property
     def image_shape(self) -> tuple[int, int] | None:
         """(height, width) of the last frame, None before the first frame."""
         return self._image_shape
@@ -338,12 +312,8 @@ class Pipeline:
             self._requested = new
         return new
 
-    def check(self, **changes: Any) -> Settings:
-        """Build the settings `configure` would make, without applying them (raises ValueError)."""
-        return dataclasses.replace(self._requested, **changes)
-
     def set_average_n(self, n: int) -> None:
-        self._average_n = self._check_average_n(n)
+        self._average_n = self.checked_average_n(n)
         self._average_settings = None  # the worker starts a new average
 
     def set_input(self, address: str, mode: str | None = None) -> None:
@@ -401,7 +371,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ internals
     @staticmethod
-    def _check_average_n(n: int) -> int:
+    def checked_average_n(n: int) -> int:
         if isinstance(n, bool) or int(n) != n or n < 1:
             raise ValueError(f"running average length must be a positive integer, not {n!r}")
         return int(n)
@@ -526,10 +496,13 @@ class Pipeline:
     def _check_source_fault(self, source: FrameSource | None, now: float) -> bool:
         """Show what the source saw in the messages it made no frame of, while it lasts;
         True if that is the state now."""
-        if source is None or self._source_fault is None:
+        if source is None:
+            return False
+        ask = self._source_fault or getattr(source, "fault", None)
+        if ask is None:
             return False
         try:
-            fault = self._source_fault(source)
+            fault = ask(source) if self._source_fault else ask()
         except Exception:
             self._log("source_fault", logging.ERROR, "reading the input stream's faults failed",
                       exc_info=True)
@@ -670,80 +643,42 @@ class Pipeline:
         return result
 
     def _settings_for(self, shape: tuple[int, ...]) -> Settings | None:
-        """The requested settings, with each field that does not fit frames of `shape` (ROI,
-        background, axis) taken from the settings in force, else unset; None: skip the frame.
-
-        The requested settings are never replaced: a value refused for one image size is in
-        force again by itself when the camera returns to a size it fits. Worked out once per
-        change of the requested settings or of the shape, so the per-frame cost is a lookup.
-        """
+        """The settings for frames of `shape` (`processing.resolve_for_frame`: a requested
+        setting that does not fit them falls back to the one in force); None: skip the frame.
+        Worked out once per change of the requested settings or of the shape, so the
+        per-frame cost is a comparison."""
         requested = self._requested
         resolved = self._resolved
         if resolved is not None and resolved[0] is requested and resolved[1] == shape:
             return resolved[2]
-        settings = requested
-        refused: dict[str, FrameMismatchError] = {}
-        for _ in range(len(MISMATCH_FIELDS) * 2 + 1):
-            try:
-                settings.check_frame(shape)
-            except FrameMismatchError as e:
-                fallback = self._fallback(settings, e.kind)
-                if fallback is None:
-                    self._count_error(f"mismatch_{e.kind}")
-                    self._log("mismatch", logging.ERROR, f"frame skipped: {e}")
-                    return None
-                refused.setdefault(e.kind, e)  # the requested value's reason, not a fallback's
-                settings = fallback
-                continue
-            break
-        else:  # pragma: no cover - every fallback step removes one mismatch
-            return None
-        self._publish_refusals(requested, refused, settings, shape)
-        self._resolved = (requested, shape, settings)
-        return settings
+        resolution = resolve_for_frame(requested, self._in_force, shape)
+        if resolution is None:  # (_image_problem let it through: a bug, not a bad frame)
+            raise FrameMismatchError(Mismatch.IMAGE, f"no settings fit a frame of {shape}")
+        self._publish_fit(requested, resolution, shape)
+        self._resolved = (requested, shape, resolution.settings)
+        return resolution.settings
 
-    def _fallback(self, settings: Settings, kind: str) -> Settings | None:
-        """The settings with the fields of `kind` taken from the last good ones, else unset."""
-        fields = MISMATCH_FIELDS.get(kind)
-        if fields is None:
-            return None
-        good = self._in_force
-        if not all(_same(getattr(settings, f), getattr(good, f)) for f in fields):
-            values = {f: getattr(good, f) for f in fields}
-        else:
-            default = Settings()
-            values = {f: getattr(default, f) for f in fields}
-            if all(_same(getattr(settings, f), values[f]) for f in fields):
-                return None
-        try:
-            return dataclasses.replace(settings, **values)
-        except ValueError:
-            return None
-
-    def _publish_refusals(self, requested: Settings, refused: dict[str, FrameMismatchError],
-                          in_force: Settings, shape: tuple[int, ...]) -> None:
-        """Tell the publisher which requested settings stopped or started fitting the frames.
-
-        Only changes are published (a refusal once, not on every frame); a refusal is published
-        again when the refused value or the reason changes.
-        """
-        for kind in MISMATCH_FIELDS:
-            e = refused.get(kind)
-            if e is not None:
-                msg = f"{e}; {_in_force_text(kind, in_force, shape)} until it fits"
+    def _publish_fit(self, requested: Settings, resolution: Resolution,
+                     shape: tuple[int, ...]) -> None:
+        """Tell the publisher which requested settings stopped or started fitting the frames:
+        a refusal once (again when its reason changes), not on every frame."""
+        for kind in SETTING_MISMATCHES:
+            reason = resolution.refused.get(kind)
+            if reason is not None:
+                msg = f"{reason}; {_in_force_text(kind, resolution.settings, shape)} until it fits"
                 if self._refused.get(kind) == msg:
                     continue
                 self._refused[kind] = msg
                 self._count_error(f"rejected_{kind}")
                 self._log("reject:" + kind, logging.WARNING, msg)
-                self.publisher.publish_rejected(kind, msg, in_force)
+                self.publisher.publish_rejected(kind, msg, resolution.settings)
                 self._noticed = True
-            elif self._refused.pop(kind, None) is not None and not _is_default(requested, kind):
+            elif self._refused.pop(kind, None) is not None and _is_set(requested, kind):
                 # (a setting cleared while refused needs no notice: its put said so)
-                msg = f"{_requested_text(kind, requested)} fits the {shape[0]} x " \
-                      f"{shape[1]} image again: in force"
+                msg = (f"{_requested_text(kind, requested)} fits the {shape[0]} x {shape[1]} "
+                       "image again: in force")
                 self._log("accept:" + kind, logging.INFO, msg)
-                self.publisher.publish_accepted(kind, msg, in_force)
+                self.publisher.publish_accepted(kind, msg, resolution.settings)
                 self._noticed = True
 
     def _add_to_average(self, result: Result, settings: Settings) -> AveragedResult | None:
@@ -769,9 +704,10 @@ class Pipeline:
         if now > t_mark:
             self._rate = (self._n_processed - n_mark) / (now - t_mark)
         self._rate_mark = (now, self._n_processed)
-        if source is not None and self._source_counters is not None:
+        count = self._source_counters or getattr(source, "errors", None)
+        if source is not None and count is not None:
             try:
-                self._source_errors = dict(self._source_counters(source))
+                self._source_errors = dict(count(source) if self._source_counters else count())
             except Exception:
                 log.exception("reading the input stream counters failed")
         if self._state == State.ERROR and now - self._last_error_time >= self.error_hold:

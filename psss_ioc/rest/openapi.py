@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from psss_ioc.ioc.parameters import MAX_EXTRA_KEYS, MAX_KEY_LENGTH, MAX_STRING_LENGTH
-from psss_ioc.rest.server import (
-    DEFAULT_PORT,
-    IDLE_TIMEOUT,
-    MAX_BODY_BYTES,
-    MAX_CONNECTIONS,
-    MAX_JSON_BYTES,
-    MAX_PARAMETERS_BYTES,
-    PARAMETERS,
-    UINT16_MAX,
-)
+from psss_ioc.ioc.parameters import MAX_EXTRA_KEYS, MAX_KEY_LENGTH, MAX_STRING_LENGTH, SETTABLE
+from psss_ioc.rest import limits
 
 _STATUS = {"type": "string", "enum": ["processing", "stopped"]}
 
@@ -65,7 +56,8 @@ _PARAMETERS = {
                     "description": "least peak/noise ratio to fit"},
     },
 }
-assert set(_PARAMETERS["properties"]) == {*PARAMETERS, "background_file"}
+# the settings POST /parameters takes, and background_file (shown only)
+assert set(_PARAMETERS["properties"]) == {*SETTABLE, "background_file"}
 
 _NULLABLE_NUMBER = {"type": "number", "nullable": True}
 _NULLABLE_STRING = {"type": "string", "nullable": True}
@@ -112,15 +104,16 @@ _ERRORS = {
     "400": "bad JSON, wrong shape or values, invalid setting (the previous one stays in force)",
     "401": "write request without the IOC's token (only when the IOC has one)",
     "403": "write request from a host the access security file does not let write",
-    "408": f"request body not sent in time (nothing for {IDLE_TIMEOUT:g} s)",
+    "408": f"request body not sent in time (nothing for {limits.IDLE_TIMEOUT:g} s)",
     "409": "cannot start (no input stream); POST /parameters: the ROI was changed by another "
            "write before the reply (the parameters in force are in the reply)",
-    "413": f"request body larger than {MAX_PARAMETERS_BYTES} bytes (POST /parameters), "
-           f"{MAX_JSON_BYTES} bytes (JSON background) or {MAX_BODY_BYTES} bytes (binary)",
+    "413": f"request body larger than {limits.MAX_PARAMETERS_BYTES} bytes (POST /parameters), "
+           f"{limits.MAX_JSON_BYTES} bytes (JSON background) or {limits.MAX_BODY_BYTES} bytes "
+           "(binary)",
     "415": "a content type other than application/json (/background: or binary): browsers "
            "send text/plain and forms cross-site without asking",
     "500": "internal error (a bug)",
-    "503": f"more than {MAX_CONNECTIONS} connections at once",
+    "503": f"more than {limits.MAX_CONNECTIONS} connections at once",
     "504": "the IOC did not finish the change in time",
 }
 
@@ -145,7 +138,8 @@ _BACKGROUND_JSON = {
                                     "a file on the IOC host to load; '' and no data: clear"},
         "data": {"type": "array", "nullable": True,
                  "items": {"type": "array",
-                           "items": {"type": "integer", "minimum": 0, "maximum": UINT16_MAX}},
+                           "items": {"type": "integer", "minimum": 0,
+                                     "maximum": limits.UINT16_MAX}},
                  "description": "rows of the image (same shape as the camera image)"},
     },
 }
@@ -159,12 +153,12 @@ OPENAPI: dict[str, Any] = {
             "Every reply is JSON with state ('ok' or 'error') and status ('processing' or "
             "'stopped'; on error the reason). Every change goes through the IOC's records, "
             "so it is validated as a Channel Access put. POST bodies are application/json (up "
-            f"to {MAX_JSON_BYTES} bytes) or, for a background, binary (up to {MAX_BODY_BYTES} "
-            "bytes). With a REST token configured, POST requests need 'Authorization: Bearer "
-            "<token>'."
+            f"to {limits.MAX_JSON_BYTES} bytes) or, for a background, binary (up to "
+            f"{limits.MAX_BODY_BYTES} bytes). With a REST token configured, POST requests need "
+            "'Authorization: Bearer <token>'."
         ),
     },
-    "servers": [{"url": f"http://localhost:{DEFAULT_PORT}"}],
+    "servers": [{"url": f"http://localhost:{limits.DEFAULT_PORT}"}],
     "paths": {
         "/start": {"post": {"summary": "Start processing (harmless when running)",
                             "responses": _responses(_ok(), ("401", "403", "409", "415", "500",

@@ -1,9 +1,8 @@
 """The legacy REST API of psss_processing, served by the IOC (the only HTTP server).
 
-It holds no state of its own: every change is a ``record.set(value, process=True)`` on the
-IOC's records, which runs the same ``validate`` and ``on_update`` callbacks as a Channel Access
-put, so CA monitors see REST changes and both paths are validated alike. Reads come from the
-records and the pipeline.
+It holds no state of its own: every change is a call of the IOC's control layer
+(`psss_ioc.ioc.control.Control`), the one the record callbacks of a Channel Access put call,
+so both paths are validated alike and the records (and their monitors) show REST changes.
 
 The server is aiohttp on its own asyncio loop in a daemon thread: requests are served
 concurrently (a slow upload never blocks /status or /stop), and HTTP work never delays the
@@ -29,14 +28,10 @@ import asyncio
 import contextlib
 import datetime
 import hmac
-import io
 import json
 import logging
-import os
-import re
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -45,41 +40,39 @@ import numpy as np
 from aiohttp import web
 
 from psss_ioc.core import background as bgfile
-from psss_ioc.core.processing import FrameMismatchError, Settings
+from psss_ioc.core.background import (
+    decode_binary,
+    is_binary,
+)
 from psss_ioc.ioc import access, pvs
 from psss_ioc.ioc.config import default_background_dir
-from psss_ioc.ioc.control import roi_limit_problem, roi_pair_problem, roi_setting
+from psss_ioc.ioc.control import Refused
 from psss_ioc.ioc.parameters import (
     BACKGROUND_FILE,
     KNOWN,
     SETTABLE,
-    UPLOADED_NAME,
     dump_extra,
     merged_extra,
 )
-from psss_ioc.ioc.pvs import BackgroundState, State
+from psss_ioc.ioc.pvs import State
 from psss_ioc.ratelimit import RateLimitedLog
+from psss_ioc.rest.limits import (
+    DEFAULT_PORT,
+    IDLE_TIMEOUT,
+    MAX_BODY_BYTES,
+    MAX_CONNECTIONS,
+    MAX_JSON_BYTES,
+    MAX_PARAMETERS_BYTES,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 12000
-# A full 2016 x 2560 frame as JSON with 5-digit values is ~36 MB; the legacy service refused
-# anything over 30 MB. 512 MB leaves room for larger cameras and float text.
-MAX_BODY_BYTES = 512 * 1024 * 1024
-# JSON bodies: parsing takes several times their size in memory (a 500 MB body took the IOC
-# to 6 GB). A full frame of 5-digit values is ~36 MB of JSON; larger frames go up in binary.
-MAX_JSON_BYTES = 64 * 1024 * 1024
-MAX_PARAMETERS_BYTES = 1024 * 1024  # POST /parameters: 32 extra keys take ~40 kB at most
-# A connection that sends no complete request, or no body data, for this long is closed.
-IDLE_TIMEOUT = 10.0
+# DEFAULT_PORT and the limits openapi.py describes: limits.py
 BODY_TIMEOUT = 300.0  # a whole request body (a 512 MB upload at 2 MB/s)
 # After an error reply to a request whose body was not read, its rest is read (and dropped)
 # this long so that the client sees the reply, then the connection is closed.
 LINGER_TIME = 2.0
-# Connections served at once; more are answered 503 and closed. Each is a file descriptor:
-# idle ones must not take those Channel Access clients and autosave need.
-MAX_CONNECTIONS = 64
 # Connections waiting to be accepted; asyncio also accepts this many at once before it can
 # answer any of them, so it bounds the descriptors a burst of connections takes too.
 ACCEPT_BACKLOG = 16
@@ -88,11 +81,8 @@ LARGE_BODY = 1024 * 1024
 JSON_TYPE = "application/json"
 BINARY_TYPES = ("application/x-npy", "application/x-hdf5", "application/x-hdf",
                 "application/octet-stream")
-UINT16_MAX = 65535
-# How long a write waits for the IOC's on_update callback (background load, stop) to finish.
-RECORD_TIMEOUT = 30.0
-NPY_MAGIC = b"\x93NUMPY"
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+# How long a write waits for the control layer (a background file to read, the worker to stop).
+CONTROL_TIMEOUT = 30.0
 ENDPOINTS = ("/start", "/stop", "/status", "/background", "/parameters", "/statistics",
              "/openapi.json")
 CORS_HEADERS = {
@@ -149,158 +139,40 @@ def parse_json_body(body: bytes) -> Any:
         raise RequestError(f"request body is not valid JSON: {e}") from None
 
 
-def background_array(data: Any, shape: tuple[int, int] | None) -> np.ndarray:
-    """The legacy ``data`` (rows of whole numbers) or a decoded array as a checked uint16 image.
-
-    Refuses (RequestError) anything that is not 2-D, not numeric, not whole numbers in
-    0..65535, or not of `shape` (the current image shape) when that is known.
-    """
-    if isinstance(data, np.ndarray):
-        array = data
-    elif isinstance(data, list):
-        try:
-            array = np.array(data)
-        except (ValueError, TypeError, OverflowError) as e:
-            raise RequestError(f"background data must be rows of equal length: {e}") from None
-    else:
-        raise RequestError(f"background data must be a list of rows, not {type(data).__name__}")
-    if array.ndim != 2:
-        raise RequestError(f"background data must be 2-D (rows of numbers), got {array.ndim} "
-                           f"dimension(s) of shape {list(array.shape)}")
-    if array.size == 0:
-        raise RequestError("background data is empty")
-    if array.dtype.kind not in "iuf":
-        raise RequestError("background data must be numbers (whole numbers 0..65535), "
-                           f"got {_kind_name(array)}")
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)):
-            raise RequestError("background data contains NaN or infinite values")
-        if not np.array_equal(array, np.floor(array)):
-            raise RequestError("background data must be whole numbers")
-    low, high = array.min(), array.max()
-    if low < 0 or high > UINT16_MAX:
-        raise RequestError(f"background values must be within 0..{UINT16_MAX}, "
-                           f"got {_num(low)}..{_num(high)}")
-    if shape is not None and tuple(array.shape) != tuple(shape):
-        raise RequestError(f"background shape {array.shape[0]} x {array.shape[1]} does not "
-                           f"match the image {shape[0]} x {shape[1]}")
-    return array.astype(np.uint16)
-
-
-def _kind_name(array: np.ndarray) -> str:
-    return {"b": "true/false values", "U": "strings", "S": "strings",
-            "O": "mixed or non-numeric values"}.get(array.dtype.kind, str(array.dtype))
-
-
 def _num(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float | np.floating) else str(value)
 
 
-def decode_binary(body: bytes) -> np.ndarray:
-    """A `.npy` or HDF5 (dataset /image) body as an array; RequestError if unreadable."""
-    try:
-        if body.startswith(NPY_MAGIC):
-            return np.load(io.BytesIO(body), allow_pickle=False)
-        import h5py
-
-        with h5py.File(io.BytesIO(body), "r") as f:
-            dataset = f.get(bgfile.HDF5_DATASET)
-            if not isinstance(dataset, h5py.Dataset):
-                raise RequestError(f"HDF5 body has no /{bgfile.HDF5_DATASET} dataset")
-            return dataset[()]
-    except RequestError:
-        raise
-    except Exception as e:  # numpy and h5py raise many kinds on corrupt input
-        raise RequestError(f"binary body is not a readable .npy or HDF5 file: {e}") from None
-
-
-def is_binary(body: bytes) -> bool:
-    return body.startswith(NPY_MAGIC) or body.startswith(HDF5_MAGIC)
-
-
-def stored_name(original: str) -> str:
-    """A new unique file name for an uploaded background, keeping the original's stem."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(original).stem if original else "")[:60]
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    return f"{stem or 'background'}_{stamp}_{uuid.uuid4().hex[:8]}.h5"
-
-
-KEEP_UPLOADS = 10
-# what `stored_name` makes: other files in the directory (an operator's own) are never pruned
-_STORED_NAME = re.compile(r".+_\d{8}_\d{6}_[0-9a-f]{8}\.h5")
-
-
-def prune_uploads(directory: Path, in_use: str, keep: int = KEEP_UPLOADS) -> list[Path]:
-    """Delete uploaded backgrounds but the one in use and the `keep` newest; returns those
-    deleted. Uploads pile up otherwise: each is a full frame (10 MB for the camera)."""
-    uploads = [p for p in directory.glob("*.h5") if _STORED_NAME.fullmatch(p.name)]
-    uploads.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    removed = []
-    for path in uploads[keep:]:
-        if str(path.resolve()) == in_use:
-            continue
-        try:
-            path.unlink()
-            removed.append(path)
-        except OSError as e:
-            log.warning("could not remove the old upload %s: %s", path, e)
-    return removed
-
-
-def write_background(directory: Path, original: str, image: np.ndarray) -> Path:
-    """Write `image` as HDF5 /image under a new name, with the name it was uploaded under
-    (GET /parameters shows that one); atomic (written, then renamed)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / stored_name(original)
-    part = path.with_name(path.name + ".part")
-    try:
-        _save_h5(part, image, original)  # bgfile.save picks the format by suffix
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
-    return path.resolve()
-
-
-def _save_h5(path: Path, image: np.ndarray, original: str) -> None:
-    import h5py
-
-    bgfile.validate(image, source=str(path))
-    with h5py.File(path, "w") as f:
-        f.create_dataset(bgfile.HDF5_DATASET, data=image)
-        f.attrs[UPLOADED_NAME] = original  # with the file: it survives restarts
-
-
-
-
 # ------------------------------------------------------------------------------ the IOC side
 class Controller:
-    """Legacy operations mapped onto the IOC's records. No state of its own besides the lock
-    that keeps REST writes from interleaving."""
+    """Legacy operations over the IOC's control layer (`ioc.control.Control`), the same one
+    the record callbacks call. No state of its own besides the lock that keeps REST writes
+    from interleaving. Control calls that may wait (a file to read, the worker to stop) run
+    in an executor, so this server's loop keeps serving."""
 
     def __init__(self, ioc: Any, background_dir: Path) -> None:
         self.ioc = ioc
+        self.control = ioc.control
         self.background_dir = background_dir
         self.write_lock = asyncio.Lock()
 
     # ---------------------------------------------------------------- reads
-    def rec(self, pv: pvs.PV) -> Any:
-        return self.ioc.rec(pv)
-
     def status(self) -> str:
-        return "stopped" if self.rec(pvs.STATUS).get() == State.STOPPED else "processing"
+        return "stopped" if self.control.pipeline.state == State.STOPPED else "processing"
 
     def message(self) -> str:
-        return str(self.rec(pvs.MESSAGE).get())
+        return str(self.ioc.rec(pvs.MESSAGE).get())
 
     def parameters(self) -> dict[str, Any]:
         """The legacy parameters: the same view as the output stream's processing_parameters
         (the ROI in force, the uploaded background name, the extra keys)."""
-        return self.ioc.parameters.view(self.ioc.pipeline.settings.describe())
+        return self.control.legacy_parameters()
 
     def statistics(self) -> dict[str, Any]:
-        stats = self.ioc.pipeline.statistics()
-        shape = self.ioc.pipeline.image_shape
-        fault = self.ioc.pipeline.fault
+        pipeline = self.control.pipeline
+        stats = pipeline.statistics()
+        shape = pipeline.image_shape
+        fault = pipeline.fault
         # The last message sent, pulse id and time together: the output stream's, else (no
         # stream) the last frame processed, whose results went to the records.
         sender = getattr(getattr(self.ioc, "sender", None), "counters", None)
@@ -333,40 +205,26 @@ class Controller:
         }
 
     # ---------------------------------------------------------------- writes
-    async def put(self, pv: pvs.PV, value: Any, wait: bool = False) -> bool:
-        """record.set(value, process=True) (validate + on_update, as a CA put); with `wait`,
-        until a blocking record's on_update finished. True if the record took the value."""
-        record = self.rec(pv)
-        record.set(value, process=True)
-        if wait:
-            await self._completion(record, pv)
-        return _same(record.get(), value)
-
-    async def _completion(self, record: Any, pv: pvs.PV) -> None:
-        deadline = time.monotonic() + RECORD_TIMEOUT
-        while record.get_field("PACT") not in ("0", ""):
-            if time.monotonic() > deadline:
-                raise RequestError(f"the IOC did not finish {pv.name} within "
-                                   f"{RECORD_TIMEOUT:g} s", 504)
-            await asyncio.sleep(0.01)
+    async def _call(self, method: Callable[..., Any], *args: Any, status: int = 400,
+                    **kwargs: Any) -> Any:
+        """A control-layer call in an executor; its refusal is the reply (`status`)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(None, lambda: method(*args, **kwargs)), CONTROL_TIMEOUT)
+        except Refused as e:
+            raise RequestError(str(e), status) from None
+        except TimeoutError:
+            raise RequestError(f"the IOC did not finish within {CONTROL_TIMEOUT:g} s",
+                               504) from None
 
     async def start(self) -> None:
-        if not self.ioc.pipeline.input[0]:
-            raise RequestError("cannot start: no input stream address set "
-                               "(INPUT_STREAM is empty)", 409)
-        await self.put(pvs.START, 1, wait=True)
-        if self.status() != "processing":
+        await self._call(self.control.start, status=409)
+        if self.status() != "processing":  # pragma: no cover - start() refused it
             raise RequestError(self.message() or "cannot start", 409)
 
     async def stop(self) -> None:
-        await self.put(pvs.STOP, 1, wait=True)
-
-    async def set_roi(self, roi: Any) -> None:
-        """Both limits at once, through the same rule as a CA put (`RoiControl`)."""
-        ymin, ymax = self.check_roi(roi)
-        outcome = self.ioc.roi.write(ymin, ymax)
-        if outcome.in_force != (ymin, ymax):  # pragma: no cover - check_roi refused it
-            raise RequestError(outcome.message())
+        await self._call(self.control.stop)
 
     def check_roi(self, roi: Any) -> tuple[int, int]:
         """The pair, checked up front with the reason: both limits are written at once, so an
@@ -376,21 +234,21 @@ class Controller:
             raise RequestError(f"roi must be [ymin, ymax] (two whole numbers), not "
                                f"{json.dumps(roi)[:100]}")
         pair = (int(roi[0]), int(roi[1]))
-        problem = (roi_limit_problem("ymin", pair[0]) or roi_limit_problem("ymax", pair[1])
-                   or roi_pair_problem(pair))
-        if problem:
-            raise RequestError(f"roi refused: {problem}")
-        shape = self.ioc.pipeline.image_shape
-        if shape is not None:
-            try:
-                Settings(roi=roi_setting(pair)).check_frame(shape)
-            except FrameMismatchError as e:
-                raise RequestError(f"roi refused: {e}") from None
+        try:
+            self.control.check_roi_pair(pair)
+        except Refused as e:
+            raise RequestError(str(e)) from None
         return pair
+
+    async def set_roi(self, roi: Any) -> None:
+        """Both limits at once, through the same rule as a CA put (`RoiControl`)."""
+        ymin, ymax = self.check_roi(roi)
+        await self._call(self.control.write_roi, ymin, ymax)
 
     @staticmethod
     def check_scalar(pv: pvs.PV, value: Any, kind: type) -> Any:
-        """AVG_N, FIT_ENABLE, FIT_MIN_SNR: the value to put, type and range checked."""
+        """AVG_N, FIT_ENABLE, FIT_MIN_SNR: the JSON value as the control layer takes it,
+        type and range checked with the legacy API's wording."""
         ok_type = (isinstance(value, bool) if kind is bool else
                    isinstance(value, int | float) and not isinstance(value, bool)
                    and (kind is float or float(value).is_integer()))
@@ -400,12 +258,14 @@ class Controller:
         if kind is not bool and not (pv.low or 0) <= value <= (pv.high or np.inf):
             raise RequestError(f"{pv.name.lower()} must be within {_num(pv.low)}..{_num(pv.high)},"
                                f" got {_num(value)}")
-        return kind(value) if kind is not bool else int(value)
+        return kind(value)
 
     async def set_scalar(self, pv: pvs.PV, typed: Any) -> None:
-        """Put a value `check_scalar` made."""
-        if not await self.put(pv, typed):
-            raise RequestError(self.message() or f"{pv.name} refused {typed}")
+        """Put a value `check_scalar` made, through the control layer."""
+        setter = {pvs.AVG_N: self.control.set_average_n,
+                  pvs.FIT_ENABLE: self.control.set_fit_enabled,
+                  pvs.FIT_MIN_SNR: self.control.set_min_snr}[pv]
+        await self._call(setter, typed)
 
     def background_to_load(self, value: Any) -> str | None:
         """The file a POST /parameters ``background`` asks to load, None when it names the one
@@ -421,7 +281,7 @@ class Controller:
 
     def check_extra(self, changes: dict[str, Any]) -> str | None:
         """The PARAMETERS_EXTRA text after `changes`, None if unchanged; RequestError why not."""
-        current = self.ioc.parameters.extra()
+        current = self.control.parameters.extra()
         try:
             extra = merged_extra(current, changes)
         except ValueError as e:
@@ -434,48 +294,25 @@ class Controller:
         return text
 
     async def set_extra(self, text: str) -> None:
-        if not await self.put(pvs.PARAMETERS_EXTRA, text):
-            raise RequestError(self.message() or "extra parameters refused")
+        await self._call(self.control.set_extra, text)
 
     async def set_background_file(self, path: str) -> None:
-        """Load (or with "" clear) a background file through BACKGROUND_FILE."""
-        if path:
-            shape = self.ioc.pipeline.image_shape
-            loop = asyncio.get_running_loop()
-            allowed = self.ioc.config.allowed_background_dirs()
-            try:  # the same checks apply_background makes, so the reply can say why
-                await loop.run_in_executor(None, bgfile.load, path, shape, allowed)
-            except ValueError as e:
-                raise RequestError(f"background refused: {e}") from None
-        await self.put(pvs.BACKGROUND_FILE, path, wait=True)
-        loaded = self.ioc.pipeline.settings.background_name == path
-        state = self.rec(pvs.BACKGROUND_STATUS).get()
-        if not loaded or state == BackgroundState.ERROR:
-            raise RequestError(self.message() or f"background {path!r} refused")
+        """Load (or with "" clear) a background file: read once, by the control layer."""
+        await self._call(self.control.set_background, path, requester_told=True)
 
     async def upload_background(self, original: str, data: Any) -> Path:
-        """Check and store an uploaded image, then load it through BACKGROUND_FILE."""
-        shape = self.ioc.pipeline.image_shape
-        loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(None, background_array, data, shape)
-        path = await loop.run_in_executor(None, write_background, self.background_dir,
-                                          original, image)
+        """Check and store an uploaded image, then load it (the control layer)."""
         try:
-            await self.set_background_file(str(path))
-        finally:
-            in_use = self.ioc.pipeline.settings.background_name
-            await loop.run_in_executor(None, prune_uploads, self.background_dir, in_use)
-        return path
+            return await self._call(self.control.upload_background, self.background_dir,
+                                    original, data)
+        except RequestError:
+            raise
+        except ValueError as e:  # (BackgroundError: the upload is no usable background)
+            raise RequestError(str(e)) from None
 
 
 def _kind_word(kind: type) -> str:
     return {bool: "true or false", int: "a whole number", float: "a number"}[kind]
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return bool(np.isclose(float(a), float(b), rtol=1e-12, atol=0))
-    return bool(a == b)
 
 
 def _legacy_time(epoch: float | None) -> str | None:
@@ -514,6 +351,8 @@ class RestApi:
             return await handler(request)
         except RequestError as e:
             return error_reply(e.reason, e.status, _auth_header(e.status))
+        except bgfile.BackgroundError as e:  # an uploaded background refused, as it says
+            return error_reply(str(e), 400)
         except web.HTTPException as e:
             headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else {}
             return error_reply(_reason_of(e, request), e.status, headers)

@@ -394,9 +394,9 @@ def _bslz4_encode(arr: np.ndarray) -> np.ndarray:
 # bit-unshuffle), called through ctypes on a run of blocks straight into the image's memory:
 # its Python wrapper allocates a new array per call, which would cost a copy of every row.
 # ctypes releases the GIL for the call. bitshuffle's wheel is built with OpenMP, whose threads
-# spin after each call (libgomp's default): at 100 Hz that tripled the CPU per frame
-# (15.5 vs 5.9 ms, measured), so the threads that decode here use one OpenMP thread each, and
-# the parallelism is ours (`threads`).
+# spin after each call (libgomp's default) and burn CPU between frames (docs/performance.md),
+# so the threads that decode here use one OpenMP thread each, and the parallelism is ours
+# (`threads`).
 
 
 def _bshuf_decompress_lz4() -> Callable[..., int] | None:
@@ -433,7 +433,7 @@ _THREAD = threading.local()  # .single_openmp: this thread's OpenMP team is set 
 _POOL_LOCK = threading.Lock()
 _POOL: ThreadPoolExecutor | None = None
 # Blocks per thread below which a hand-off to another thread costs more than it saves
-# (a block is 8 kB decoded, ~4 us).
+# (a block is 8 kB decoded, a few microseconds of work).
 PARALLEL_MIN_BLOCKS = 64
 
 
@@ -712,9 +712,6 @@ class MessageReader:
     def __init__(self, cache_size: int = 8) -> None:
         self._cache: dict[tuple[str, str | None], DataHeader] = {}
         self._cache_size = cache_size
-
-    def clear(self) -> None:
-        self._cache.clear()
 
     def data_header(self, main: MainHeader, raw: Buffer) -> DataHeader:
         key = (main.hash, main.dh_compression) if main.hash is not None else None

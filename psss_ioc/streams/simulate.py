@@ -39,8 +39,8 @@ import numpy as np
 
 from psss_ioc.core import background
 from psss_ioc.core.fit import FWHM_PER_SIGMA
-from psss_ioc.ioc.config import DEFAULT_PREFIX, image_channel_for
 from psss_ioc.streams import bsread_wire as wire
+from psss_ioc.streams.channels import DEFAULT_PREFIX, image_channel_for
 from psss_ioc.streams.stream import SENDER_MODES, BoundSocket, SendStatus
 
 DTYPES = ("uint16", "uint32", "int32", "float32", "float64")

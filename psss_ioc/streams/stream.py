@@ -5,6 +5,9 @@ receive timeout) with our own message handler: psi-bsread's default handler rais
 header without ``pulse_id`` (Java senders omit a pulse id of 0), swallows decode errors into
 None values and decodes every channel. Ours collects the frames of one message and decodes only
 the image channel with `psss_ioc.streams.bsread_wire`, classifying every bad message.
+What it counts is the messages it could make no frame of (`CameraSource.errors()`, by kind)
+and what they showed (`CameraSource.fault()`); the sequence of the frames it returns (pulse
+id gaps, image shape changes) is the pipeline's to count.
 
 `ResultSender` binds its own ZeroMQ socket and writes pre-encoded messages with
 `bsread_wire.MessageWriter`: psi-bsread's `Sender(block=False)` silently drops messages it
@@ -19,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import bsread
@@ -27,17 +30,17 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from psss_ioc.ioc.config import (
-    DEFAULT_MAX_IMAGE_MB,
-    DEFAULT_OUTPUT_PORT,
-    DEFAULT_PREFIX,
-    DOCUMENT_NAMES,
-    OUTPUT_NAMES,
-    V18_NAMES,
-    image_channel_for,
-)
+from psss_ioc.pipeline.source import BAD_IMAGE, MISSING_CHANNEL, SourceFault
 from psss_ioc.ratelimit import RateLimitedLog
 from psss_ioc.streams import bsread_wire as wire
+from psss_ioc.streams.channels import (
+    DEFAULT_IMAGE_CHANNEL,
+    DEFAULT_MAX_IMAGE_MB,
+    DEFAULT_OUTPUT_PORT,
+    DOCUMENT_NAMES,
+    OutputChannels,
+    parse_address,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,76 +51,15 @@ for _handler in list(_mflow_log.handlers):
     if type(_handler) is logging.StreamHandler:
         _mflow_log.removeHandler(_handler)
 
-DEFAULT_IMAGE_CHANNEL = image_channel_for(DEFAULT_PREFIX)
-
-# Output channels as psss_processing's README names them: after the input image channel
-# (CONTRACT.md, "Output stream") ...
-SPECTRUM_SUFFIX = ".spectrum"
-CENTER_SUFFIX = ".center"
-FWHM_SUFFIX = ".fwhm"
-PARAMETERS_SUFFIX = ".processing_parameters"
-# ... and as psss_processing 1.8.0 sent them: after the PVs, under the prefix (downstream
-# consumers, e.g. the data store's channel configuration, use these).
-V18_SPECTRUM = "SPECTRUM_Y"
-V18_AXIS = "SPECTRUM_X"
-V18_CENTER = "SPECTRUM_CENTER"
-V18_FWHM = "SPECTRUM_FWHM"
-V18_PARAMETERS = "processing_parameters"
-
 SOURCE_MODES = ("PULL", "SUB")
 SENDER_MODES = ("PUSH", "PUB")
 
-# Counter names besides the malformed kinds (wire.MALFORMED_KINDS).
-MISSING_CHANNEL = "missing_channel"
-EMPTY_IMAGE = "empty_image"
+# Counter names besides the malformed kinds (wire.MALFORMED_KINDS), as `SourceCounters`
+# attributes and as keys of `CameraSource.errors()`.
+MISSING_CHANNEL_COUNT = "missing_channel"
+EMPTY_IMAGE_COUNT = "empty_image"
 
 _NUMERIC_TYPES = frozenset(t for t in wire.TYPES if t not in ("string", "bool"))
-
-
-@dataclass(frozen=True)
-class OutputChannels:
-    """The channel names of the output stream. `axis` (the energy axis per message) only in
-    1.8's naming."""
-
-    image: str
-    spectrum: str
-    center: str
-    fwhm: str
-    parameters: str
-    axis: str | None = None
-
-    @classmethod
-    def for_image(cls, image_channel: str) -> OutputChannels:
-        """The README's names: ``<image channel>.spectrum``, ``.center``, ..."""
-        return cls(
-            image=image_channel,
-            spectrum=image_channel + SPECTRUM_SUFFIX,
-            center=image_channel + CENTER_SUFFIX,
-            fwhm=image_channel + FWHM_SUFFIX,
-            parameters=image_channel + PARAMETERS_SUFFIX,
-        )
-
-    @classmethod
-    def for_v18(cls, prefix: str, image_channel: str) -> OutputChannels:
-        """psss_processing 1.8.0's names: ``<prefix>:SPECTRUM_Y``, ``SPECTRUM_X``, ...; the
-        image keeps its input channel's name."""
-        return cls(
-            image=image_channel,
-            spectrum=f"{prefix}:{V18_SPECTRUM}",
-            center=f"{prefix}:{V18_CENTER}",
-            fwhm=f"{prefix}:{V18_FWHM}",
-            parameters=f"{prefix}:{V18_PARAMETERS}",
-            axis=f"{prefix}:{V18_AXIS}",
-        )
-
-    @classmethod
-    def named(cls, naming: str, prefix: str, image_channel: str) -> OutputChannels:
-        """The names of `naming` (`ioc_config.OUTPUT_NAMES`)."""
-        if naming == V18_NAMES:
-            return cls.for_v18(prefix, image_channel)
-        if naming == DOCUMENT_NAMES:
-            return cls.for_image(image_channel)
-        raise ValueError(f"output names {naming!r} are not one of {', '.join(OUTPUT_NAMES)}")
 
 
 class LazyImage:
@@ -241,26 +183,14 @@ def image_output_value(frame: Any, name: str) -> tuple[wire.ChannelSpec, Any]:
     return wire.ChannelSpec.for_array(name, frame.image), frame.image
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """``tcp://host:port`` (or ``host:port``) -> (host, port); ValueError if malformed."""
-    rest = address.strip()
-    if "://" in rest:
-        scheme, rest = rest.split("://", 1)
-        if scheme != "tcp":
-            raise ValueError(f"stream address {address!r}: only tcp:// is supported")
-    host, sep, port = rest.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"stream address {address!r} is not tcp://host:port")
-    return host, int(port)
-
-
 # ---------------------------------------------------------------------------------------------
 # Input
 
 
 @dataclass
 class SourceCounters:
-    """Input statistics. All keys of `malformed` exist from the start (stable for records)."""
+    """What the source made of the messages it received: good frames, and the messages it
+    could make no frame of, by kind. All keys of `malformed` exist from the start."""
 
     received: int = 0  # good frames returned by receive()
     malformed: dict[str, int] = field(
@@ -268,10 +198,6 @@ class SourceCounters:
     )
     missing_channel: int = 0  # messages without the image channel
     empty_image: int = 0  # messages whose image value is empty ("no value for this pulse")
-    lost_pulses: int = 0  # pulse ids never seen: sum of the gaps in the pulse_id sequence
-    format_changes: int = 0  # image shape or dtype changed (reported, then accepted)
-    reconnects: int = 0
-    last_pulse_id: int | None = None
     last_error: str = ""
     # For the pipeline's state (a wrong channel or an unusable image says so, not only a
     # counter): the last message without the image channel, and the image-like channels it
@@ -286,16 +212,6 @@ class SourceCounters:
     @property
     def skipped(self) -> int:
         return sum(self.malformed.values()) + self.missing_channel + self.empty_image
-
-    def as_dict(self) -> dict[str, int]:
-        """Flat integer counters, malformed kinds as ``malformed_<kind>``."""
-        out = {f"malformed_{kind}": n for kind, n in self.malformed.items()}
-        for name in ("received", MISSING_CHANNEL, EMPTY_IMAGE, "lost_pulses", "format_changes",
-                     "reconnects"):
-            out[name] = getattr(self, name)
-        out["malformed"] = sum(self.malformed.values())
-        out["skipped"] = self.skipped
-        return out
 
 
 # Names that say "camera image" whatever their declared shape (SwissFEL: <camera>:FPICTURE).
@@ -333,8 +249,9 @@ class CameraSource:
     `receive_timeout` is in seconds: `receive()` returns None when no good frame arrived within
     it (at most about twice the timeout when bad messages keep arriving). Bad messages never
     raise: they are skipped and counted in `counters` (see `SourceCounters`), with the latest
-    reason in `counters.last_error` and a rate-limited log line. The image may be of any
-    dimension, numeric dtype and shape: checking it against the settings is the caller's job.
+    reason in `counters.last_error` and a rate-limited log line; `errors()` and `fault()` are
+    what the pipeline takes of them. The image may be of any dimension, numeric dtype and
+    shape: checking it, and the sequence of the frames, is the caller's job.
 
     An image that would decode to more than `max_image_bytes` is refused before anything is
     decompressed (a decompression bomb: a few MB that inflate to a GB), counted as
@@ -360,14 +277,12 @@ class CameraSource:
         self.receive_timeout = float(receive_timeout)
         self.queue_size = queue_size
         self.max_image_bytes = max_image_bytes
-        # One by default: two halve the wait for a frame's blocks for ~3% more CPU, but at
-        # 100 Hz on the 2-core test machine, busy with camera, consumer and other work, they
-        # lost more frames without an ROI, not fewer (bench e2e, docs/performance.md).
+        # One by default: a second thread shortens the wait for a frame's blocks, but on a
+        # machine busy with other work it lost more frames, not fewer (docs/performance.md).
         self.decode_threads = max(1, int(decode_threads))
         self.counters = SourceCounters()
         self._reader = wire.MessageReader()
         self._source: bsread.Source | None = None
-        self._format: tuple[tuple[int, ...], np.dtype] | None = None
         self._log = RateLimitedLog(log)
         self._missing_header: wire.DataHeader | None = None  # of missing_channel_seen
 
@@ -394,25 +309,42 @@ class CameraSource:
         if source is not None:
             source.disconnect()
 
-    def reconnect(self, address: str | None = None, mode: str | None = None) -> None:
-        """Switch to another stream (or the same one again) without losing the counters."""
-        if address is not None:
-            parse_address(address)  # refuse a bad address before dropping the old stream
-        if mode is not None:
-            mode = _check_mode(mode, SOURCE_MODES)
-        self.close()
-        self.address = address if address is not None else self.address
-        self.mode = mode if mode is not None else self.mode
-        self.counters.reconnects += 1
-        self.counters.last_pulse_id = None  # a gap to another stream is not a lost pulse
-        self._reader.clear()
-        self.connect()
-
     def __enter__(self) -> CameraSource:
         return self.connect()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- what the pipeline takes of the counters ----------------------------------------------
+
+    def errors(self) -> dict[str, int]:
+        """The messages this source made no frame of, by kind, for the pipeline's error
+        counts: ``malformed_<kind>`` (the kinds of `bsread_wire.MALFORMED_KINDS`),
+        ``missing_channel`` and ``empty_image``, each a total since the source was made; a kind
+        not seen yet is left out. Nothing about the frames returned (their sequence, their
+        shape): the pipeline counts that."""
+        c = self.counters
+        errors = {f"malformed_{kind}": n for kind, n in c.malformed.items() if n}
+        if c.missing_channel:
+            errors[MISSING_CHANNEL_COUNT] = c.missing_channel
+        if c.empty_image:
+            errors[EMPTY_IMAGE_COUNT] = c.empty_image
+        return errors
+
+    def fault(self) -> SourceFault | None:
+        """The latest of the messages without the image channel (MISSING_CHANNEL, with the
+        image-like channels they carried) and those whose image no frame can be made of
+        (BAD_IMAGE, with why), or None if there was neither; the pipeline decides what state
+        that makes, and for how long."""
+        c = self.counters
+        missing, bad = c.missing_channel_time, c.bad_image_time
+        if bad is not None and (missing is None or bad > missing):
+            return SourceFault(BAD_IMAGE, bad, channel=self.image_channel, reason=c.bad_image)
+        if missing is not None:
+            return SourceFault(MISSING_CHANNEL, missing, channel=self.image_channel,
+                               channels_seen=c.missing_channel_seen,
+                               n_channels=c.missing_channel_n_channels)
+        return None
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -441,7 +373,6 @@ class CameraSource:
             main = wire.parse_main_header(parts[0])
         except wire.WireError as e:
             return self._skip(e.kind, str(e))
-        self._track_pulse_id(main.pulse_id)
         try:
             _, header = self._reader.split(parts, main)
         except wire.WireError as e:
@@ -449,12 +380,12 @@ class CameraSource:
         index = header.index.get(self.image_channel)
         if index is None:
             self._note_missing_channel(header)
-            return self._skip(MISSING_CHANNEL,
+            return self._skip(MISSING_CHANNEL_COUNT,
                               f"pulse {main.pulse_id}: no channel {self.image_channel!r}")
         spec = header.channels[index]
         raw = parts[2 + 2 * index]
         if len(raw) == 0:
-            return self._skip(EMPTY_IMAGE, f"pulse {main.pulse_id}: empty image value")
+            return self._skip(EMPTY_IMAGE_COUNT, f"pulse {main.pulse_id}: empty image value")
         image: np.ndarray | None = None
         lazy: LazyImage | None = None
         try:
@@ -476,11 +407,6 @@ class CameraSource:
             image = image.astype(image.dtype.newbyteorder("="))
         timestamp = (main.timestamp or wire.decode_timestamp(parts[3 + 2 * index], spec.encoding)
                      or (0, 0))
-        if image is not None:
-            self._track_format(image.shape, image.dtype)
-        else:
-            assert lazy is not None
-            self._track_format(lazy.shape, lazy.dtype)
         self.counters.received += 1
         return Frame(main.pulse_id, timestamp, image, lazy)
 
@@ -522,22 +448,6 @@ class CameraSource:
         self.counters.last_error = f"skipped message ({kind}): {message}"
         self._log(kind, logging.WARNING, f"{self.address}: {self.counters.last_error}")
 
-    def _track_pulse_id(self, pulse_id: int) -> None:
-        last = self.counters.last_pulse_id
-        if last is not None and pulse_id > last + 1:
-            self.counters.lost_pulses += pulse_id - last - 1
-        self.counters.last_pulse_id = pulse_id
-
-    def _track_format(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        fmt = (shape, dtype)
-        old, self._format = self._format, fmt
-        if old is not None and old != fmt:
-            self.counters.format_changes += 1
-            self.counters.last_error = (
-                f"image format changed from {_describe(*old)} to {_describe(*fmt)}"
-            )
-            self._log("format", logging.WARNING, f"{self.address}: {self.counters.last_error}")
-
 
 def _decodes_lazily(spec: wire.ChannelSpec) -> bool:
     """A 2-D bitshuffle_lz4 image of a type the kernels take as it is (native byte order,
@@ -547,10 +457,6 @@ def _decodes_lazily(spec: wire.ChannelSpec) -> bool:
     dtype = spec.dtype
     return (0 not in spec.shape and dtype.isnative
             and (dtype.kind in "iu" or dtype in (np.float32, np.float64)))
-
-
-def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
-    return f"{' x '.join(map(str, shape))} {dtype.name}"
 
 
 def _check_mode(mode: str, allowed: tuple[str, ...]) -> str:
@@ -723,9 +629,6 @@ class SenderCounters:
     last_sent_time: float | None = None  # epoch seconds
     last_error: str = ""
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 class ConsumerState:
     """"No consumer" on one output socket as a state: one log line when results start being
@@ -772,9 +675,9 @@ class ResultSender:
     `parameters_view` makes of them). The data header changes only when a channel's type or
     shape does. `send()` never blocks.
 
-    `result` is duck-typed: ``spectrum``, ``center``, ``fwhm``, optionally ``fit_ok`` and
-    ``axis``. With `image_port`, the image goes in its own stream on that port, as
-    psss_processing v1.8.0 did, instead of the results stream.
+    `result` is duck-typed: ``spectrum``, ``fit`` (its ``center``, ``fwhm``, optionally
+    ``ok``), optionally ``axis``. With `image_port`, the image goes in its own stream on that
+    port, as psss_processing v1.8.0 did, instead of the results stream.
 
     No consumer connected (PUSH: no peer; PUB: no subscriber) is a state (`ConsumerState`):
     a line when it begins and one when it ends. Other drops (a consumer too slow: queue full;
@@ -953,11 +856,13 @@ class ResultSender:
 
 
 def _fit_value(result: Any, name: str) -> float | None:
-    """A fit value, or None (sent as missing) when there is no result or no good fit."""
-    if result is None or not getattr(result, "fit_ok", True):
+    """A value of the result's fit, or None (sent as missing) when there is no result or no
+    good fit."""
+    fit = getattr(result, "fit", None)
+    if fit is None or not getattr(fit, "ok", True):
         return None
     try:
-        value = float(getattr(result, name))
+        value = float(getattr(fit, name))
     except (AttributeError, TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
