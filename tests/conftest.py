@@ -56,9 +56,10 @@ def compiled_kernels() -> None:
     in a second; on a fresh clone the first compile takes half a minute, which would
     otherwise fall into whichever test's IOC start-up comes first and eat its time limit.
     """
-    from psss_ioc.core.processing import warm_up
+    from psss_ioc.core import processing, view
 
-    warm_up()
+    processing.warm_up()
+    view.warm_up()
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from psss_ioc.cli.commands import free_port, loopback_epics_env
 from psss_ioc.ioc import pvs
+from psss_ioc.processes import free_port, loopback_epics_env
 
 BIN = Path(sys.executable).parent
 RUN = [sys.executable, "-c", "from psss_ioc.cli.commands import run_command; run_command()"]

@@ -20,9 +20,9 @@ import pytest
 import requests
 from iochelpers import BIN, EPICS_ENV, RUN, IocProcess, caget, caput, wait_until
 
-from psss_ioc.cli.commands import free_port
 from psss_ioc.ioc import pvs
 from psss_ioc.ioc.pvs import Kind
+from psss_ioc.processes import free_port
 
 TOP = Path(__file__).resolve().parent.parent
 BOOT = TOP / "iocBoot" / "iocpsss"

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from iochelpers import EPICS_ENV, LEGACY, IocProcess, wait_until
 
-from psss_ioc.cli.commands import free_port
 from psss_ioc.core import background
 from psss_ioc.ioc import pvs
 from psss_ioc.ioc.config import IocConfig, autosave_dir_of, default_autosave_dir
+from psss_ioc.processes import free_port
 from psss_ioc.rest.client import PsssProcessingClient
 
 DARK = np.arange(40 * 32, dtype=np.uint16).reshape(40, 32) % 7 + 100

@@ -9,23 +9,35 @@ import sys
 import pytest
 
 from psss_ioc.bench import e2e
+from psss_ioc.ioc import pvs
 
 
 @pytest.mark.parametrize("forward", ["--forward-image", "--no-forward-image"])
 def test_bench_e2e_reports_every_case(forward):
-    # the forwarding run also compares compressed frames with plain ones (issue 19)
+    # the forwarding run also compares compressed frames with plain ones (issue 19) and the
+    # IOC with its image view at the default with the view off (issue 18); the other skips that
     compressed = ["--compression", "bitshuffle_lz4", "--roi", "10", "40"] \
         if forward == "--forward-image" else []
+    view = forward == "--forward-image"
     out = subprocess.run(
         [sys.executable, "-m", "psss_ioc.cli.main", "bench", "e2e", "--json", "--duration", "2",
          "--step-seconds", "1", "--height", "64", "--width", "128", "--rate", "50",
-         "--max-steps", "1", forward, *compressed],
+         "--max-steps", "1", forward, *compressed, *([] if view else ["--no-view-phase"])],
         capture_output=True, text=True, timeout=240,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {row["case"]: row for row in map(json.loads, out.stdout.splitlines())}
     assert set(rows) == {"rate_50hz", "ceiling", "max_lossless",
-                         *(["rate_50hz_bitshuffle_lz4"] if compressed else [])}
+                         *(["rate_50hz_bitshuffle_lz4"] if compressed else []),
+                         *(["rate_50hz_no_view"] if view else [])}
+    assert rows["rate_50hz"]["image_rate_hz"] == pvs.IMAGE_RATE.initial  # the IOC's default
+    if view:
+        off = rows["rate_50hz_no_view"]
+        assert off["image_rate_hz"] == 0.0 and off["rate_hz"] > 0 and off["out_received"] > 0
+        assert off["view_cpu_ms_per_frame"] == rows["rate_50hz"]["cpu_ms_per_frame"]
+        assert off["no_view_cpu_ms_per_frame"] == off["cpu_ms_per_frame"] > 0
+        assert off["view_vs_no_view"] == (off["view_cpu_ms_per_frame"]
+                                          / off["no_view_cpu_ms_per_frame"])
     if compressed:
         packed = rows["rate_50hz_bitshuffle_lz4"]
         assert packed["rate_hz"] > 0 and packed["out_received"] > 0

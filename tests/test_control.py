@@ -125,7 +125,7 @@ def _control(tmp_path, shape=(100, 64)):
 
     pipeline = Pipeline(lambda address, mode: None)
     if shape is not None:
-        pipeline._note_shape(shape)  # as the first frame of that size does
+        pipeline._note_shape(shape, np.dtype(np.uint16))  # as the first frame of that size does
     view = FakeView()
     control = Control(pipeline, view, lambda: (tmp_path,), LegacyParameters(lambda pv: 0))
     return control, pipeline, view
@@ -171,7 +171,7 @@ def test_axis_written_is_checked_then_applied_and_shown(tmp_path) -> None:
     with pytest.raises(Refused, match="63 values but the image has 64 columns"):
         control.set_axis(np.arange(63.0))
     with pytest.raises(Refused, match="strictly"):
-        control.set_axis(np.zeros(64))
+        control.set_axis(np.full(64, 9000.0))
     assert pipeline.settings.axis is None and pvs.SPECTRUM_X.name not in view.values
     control.set_axis(np.linspace(9000, 9100, 64))
     assert pipeline.settings.axis is not None

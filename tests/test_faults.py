@@ -442,8 +442,9 @@ def test_roi_put_storm_keeps_a_consistent_roi(rig: Rig) -> None:
                 parts = consumer.recv_multipart()
             except zmq.Again:
                 continue
-            message = reader.decode(parts)
-            params = json.loads(str(message.channels[name].value))
+            _, header = reader.split(parts)
+            i = header.index[name]
+            params = json.loads(str(wire.decode_value(header.channels[i], parts[2 + 2 * i])))
             roi = params["roi"]
             rois.append((0, H) if roi is None else (roi[0], roi[1]))
 

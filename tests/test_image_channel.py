@@ -24,11 +24,11 @@ from iochelpers import wait_until as wait_for
 from test_pipeline import FakeFrame, FakeSender, FakeSource, Recorder, frame, wait_until
 
 from psss_ioc.cli import commands
-from psss_ioc.cli.commands import free_port
 from psss_ioc.ioc import app as ioc
 from psss_ioc.ioc import pvs
 from psss_ioc.ioc.pvs import State
 from psss_ioc.pipeline.worker import BAD_IMAGE, MISSING_CHANNEL, Pipeline, SourceFault
+from psss_ioc.processes import free_port
 from psss_ioc.streams import bsread_wire as wire
 from psss_ioc.streams.simulate import SimulatorProcess
 from psss_ioc.streams.stream import CameraSource

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from iochelpers import BIN, EPICS_ENV, IocProcess, caget, free_port_pair, wait_until
 
-from psss_ioc.cli.commands import loopback_epics_env, stop_process
 from psss_ioc.ioc import pvs
+from psss_ioc.processes import loopback_epics_env, stop_process
 
 PREFIX = "TST-PSSS-X"
 EXTERNAL = "TST-EXT"

@@ -32,8 +32,8 @@ from iochelpers import EPICS_ENV, LEGACY, IocProcess, simulator_args, wait_until
 from p4p.client.thread import Context
 
 from psss_ioc import PsssProcessingClient
-from psss_ioc.cli.commands import free_port
 from psss_ioc.ioc import pvs
+from psss_ioc.processes import free_port
 from psss_ioc.streams.simulate import SimConfig, SimulatedCamera, SimulatorProcess
 
 LEGACY_PREFIX = "TST-PSSS-V18"
@@ -198,7 +198,9 @@ def test_document_names(document: tuple[IocProcess, int, str], pva: Context) -> 
         parameters = _parameters(address)
 
     assert list(message.data) == [channel, f"{channel}.spectrum", f"{channel}.center",
-                                  f"{channel}.fwhm", f"{channel}.processing_parameters"]
+                                  f"{channel}.fwhm", f"{channel}.processing_parameters",
+                                  f"{channel}.n_saturated"]
+    assert message.data[f"{channel}.n_saturated"].value == snap.n_saturated.value
     _assert_results_equal(snap, message.data, f"{channel}.spectrum", f"{channel}.center",
                           f"{channel}.fwhm")
     assert message.data[channel].value.shape == (BIG, BIG)

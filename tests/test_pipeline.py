@@ -68,6 +68,7 @@ class Recorder:
     rejected: list[tuple[str, str, Settings]] = field(default_factory=list)
     accepted: list[tuple[str, str, Settings]] = field(default_factory=list)
     messages: list[tuple[str, bool]] = field(default_factory=list)
+    views: list[tuple[Any, Any, Any]] = field(default_factory=list)
     fail_on: set[int] = field(default_factory=set)
 
     def publish_result(self, frame: Any, result: Any, average: Any) -> None:
@@ -89,6 +90,9 @@ class Recorder:
 
     def publish_accepted(self, kind: str, message: str, in_force: Settings) -> None:
         self.accepted.append((kind, message, in_force))
+
+    def publish_view(self, frame: Any, view: Any, rows: Any) -> None:
+        self.views.append((frame, view, rows))
 
     def publish_message(self, message: str, error: bool) -> None:
         self.messages.append((message, error))

@@ -14,12 +14,15 @@ from psss_ioc.core.processing import (
     MAX_OUTLIER_FRACTION,
     FitStatus,
     FrameMismatchError,
+    Mismatch,
     RunningAverage,
     Settings,
     compact_background,
     process,
+    resolve_for_frame,
     spectrum,
 )
+from psss_ioc.streams.simulate import SimConfig, SimulatedCamera
 
 INTEGER_DTYPES = [np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.int32, np.int64]
 FLOAT_DTYPES = [np.float16, np.float32, np.float64]
@@ -546,3 +549,257 @@ def test_a_shared_frozen_array_is_validated_like_any_other():
     axis_settings = Settings(axis=np.linspace(1.0, 2.0, 16))
     with pytest.raises(ValueError, match="2-D"):
         Settings(background=axis_settings.axis)  # a frozen 1-D axis is no background
+
+
+# --- energy axis polynomial ---------------------------------------------------------------
+
+
+def test_the_polynomial_gives_the_axis_and_the_fit_in_ev():
+    image = _line_image(center=180.0, sigma=12.0)
+    poly = (9000.0, 0.5, 0.0)  # 0.5 eV per column
+    settings = Settings(roi=(8, 20), axis_poly=poly)
+    result = process(image, settings)
+    x = np.arange(400.0)
+    np.testing.assert_array_equal(result.axis, 9000.0 + 0.5 * x + 0.0 * x * x)
+    assert not result.axis.flags.writeable
+    assert result.fit.ok and result.fit.center == pytest.approx(9090.0, rel=1e-9)
+    assert result.fit.fwhm == pytest.approx(0.5 * 12.0 * 2.354820045, rel=1e-6)
+    # the axis is made once per (polynomial, width): settings made from settings share it
+    assert settings.axis_for(400) is result.axis
+    assert dataclasses.replace(settings, roi=(9, 20)).axis_for(400) is result.axis
+    quadratic = Settings(axis_poly=(9000, -0.25, 1e-4)).axis_for(400)  # ints accepted
+    np.testing.assert_allclose(quadratic, 9000 - 0.25 * x + 1e-4 * x * x, rtol=0, atol=1e-9)
+
+
+def test_the_polynomial_leaves_describe_and_the_column_axis_alone():
+    settings = Settings(roi=(1, 5), background_name="bg.h5", axis_poly=(1.0, 2.0, 3.0))
+    assert settings.describe() == {"background": "bg.h5", "roi": [1, 5]}
+    assert settings.axis_poly == (1.0, 2.0, 3.0)
+    np.testing.assert_array_equal(Settings().axis_for(5), np.arange(5.0))
+    with pytest.raises(FrameMismatchError) as caught:
+        Settings(axis=np.arange(4.0)).axis_for(5)
+    assert caught.value.kind == "axis_length"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"axis": np.arange(4.0), "axis_poly": (0.0, 1.0, 0.0)}, "not both"),
+        ({"axis_poly": (0.0, 1.0)}, "3 coefficients"),
+        ({"axis_poly": (0.0, 1.0, 0.0, 0.0)}, "3 coefficients"),
+        ({"axis_poly": "123"}, r"\(c0, c1, c2\)"),
+        ({"axis_poly": 5.0}, r"\(c0, c1, c2\)"),
+        ({"axis_poly": (0.0, float("nan"), 0.0)}, "c1 must be finite"),
+        ({"axis_poly": (float("inf"), 1.0, 0.0)}, "c0 must be finite"),
+        ({"axis_poly": (0.0, 1.0, "x")}, "c2 must be a number"),
+        ({"axis_poly": (0.0, True, 0.0)}, "c1 must be a number"),
+        ({"axis_poly": (5.0, 0.0, 0.0)}, "constant"),
+    ],
+)
+def test_bad_polynomials_are_refused_with_the_reason(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Settings(**kwargs)
+
+
+def test_a_polynomial_that_turns_within_the_width_is_an_axis_mismatch():
+    settings = Settings(axis_poly=(9000.0, 0.5, -1e-4))  # turns at x = 2500
+    assert Mismatch.AXIS.fields == ("axis", "axis_poly")
+    assert settings.mismatches((10, 2500)) == {}
+    assert settings.mismatches((10, 2560)) == {
+        Mismatch.AXIS: "energy axis E = 9000 + 0.5 x - 0.0001 x^2 turns at column 2500 of "
+                       "2560: not monotonic"}
+    frame = np.ones((10, 2560), np.uint16)
+    with pytest.raises(FrameMismatchError, match="turns at column 2500") as caught:
+        process(frame, settings)
+    assert caught.value.kind == Mismatch.AXIS
+    assert process(frame[:, :2500], settings).axis.shape == (2500,)
+    flat = Settings(axis_poly=(1.0, 1e-300, 0.0)).mismatches((2, 5))[Mismatch.AXIS]
+    assert "equal values at columns 0 and 1 of 5: not strictly monotonic" in flat
+    huge = Settings(axis_poly=(0.0, 1.0, 1e308)).mismatches((2, 5))[Mismatch.AXIS]
+    assert "not finite from column 2 of 5" in huge
+
+
+def test_the_pipeline_keeps_the_last_good_polynomial_for_frames_it_does_not_fit():
+    good = Settings(axis_poly=(9000.0, 0.5, 0.0))
+    bad = dataclasses.replace(good, roi=(1, 4), axis_poly=(9000.0, 0.5, -1e-4))
+    resolution = resolve_for_frame(bad, good, (10, 2560))
+    assert resolution is not None
+    assert set(resolution.refused) == {Mismatch.AXIS}
+    assert resolution.settings.axis_poly == good.axis_poly and resolution.settings.roi == (1, 4)
+    assert resolve_for_frame(bad, good, (10, 2000)).settings is bad  # it fits narrower frames
+    # a fallback that does not fit either: the column index
+    external = Settings(axis=np.arange(2560.0) * 2)
+    fallback = resolve_for_frame(bad, external, (10, 2000))
+    assert fallback is not None and fallback.settings.axis_poly == bad.axis_poly
+    neither = resolve_for_frame(bad, Settings(axis_poly=bad.axis_poly), (10, 2560))
+    assert neither is not None and neither.settings.axis is None
+    assert neither.settings.axis_poly is None
+    # an external axis refused for its length falls back to a polynomial that fits
+    wrong_length = Settings(axis=np.arange(100.0))
+    assert resolve_for_frame(wrong_length, good, (10, 2560)).settings.axis_poly == good.axis_poly
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    c0=st.floats(-1e4, 1e4),
+    c1=st.floats(-10.0, 10.0),
+    c2=st.floats(-1e-2, 1e-2),
+    width=st.integers(2, 3000),
+)
+def test_a_polynomial_fits_a_width_exactly_when_it_is_strictly_monotonic_over_it(
+    c0, c1, c2, width
+):
+    try:
+        settings = Settings(axis_poly=(c0, c1, c2))
+    except ValueError:
+        assert c1 == 0 and c2 == 0
+        return
+    x = np.arange(width, dtype=np.float64)
+    values = c0 + c1 * x + c2 * (x * x)
+    steps = np.diff(values)
+    monotonic = bool((steps > 0).all() or (steps < 0).all())
+    reason = settings.mismatches((3, width)).get(Mismatch.AXIS)
+    assert (reason is None) == monotonic
+    if monotonic:
+        np.testing.assert_array_equal(settings.axis_for(width), values)
+    elif "turns at column" in reason:
+        column = int(reason.split("turns at column ")[1].split()[0])
+        assert (np.sign(steps[:column]) == np.sign(steps[0])).all()
+        assert np.sign(steps[column]) == -np.sign(steps[0])
+
+
+# --- saturated pixels ----------------------------------------------------------------------
+
+SATURATION_DTYPES = [*INTEGER_DTYPES, *FLOAT_DTYPES]
+
+
+def _expected_saturated(image: np.ndarray, level, ymin: int, ymax: int) -> int:
+    """The definition: raw pixels of the ROI rows at or above the level (None: the dtype's
+    top; nothing for floats)."""
+    if level is None:
+        if image.dtype.kind == "f":
+            return 0
+        level = np.iinfo(image.dtype).max
+    rows = image[ymin:ymax]
+    if rows.dtype.kind in "iu":  # exact: no float rounding of 64-bit pixels
+        return sum(int(p) >= level for p in rows.ravel().tolist())
+    return int((rows.astype(np.float64) >= level).sum())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    dtype=st.sampled_from(SATURATION_DTYPES),
+    background=st.sampled_from([None, "same", "uint16", "float32", "compact"]),
+    height=st.integers(1, 24),
+    width=st.integers(1, 90),
+    level_choice=st.sampled_from(["none", "pixel", "pixel-1", "pixel+1", "pixel+0.5",
+                                  "pixel-0.5", "zero", "huge"]),
+    n_top=st.integers(0, 6),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_saturated_pixels_are_counted_exactly_by_every_kernel(
+    dtype, background, height, width, level_choice, n_top, seed
+):
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    if background == "compact":
+        dtype = np.dtype(np.uint16)
+    image = _random_image(rng, dtype, (height, width))
+    if dtype.kind == "f":
+        top = 65504 if dtype == np.float16 else np.finfo(dtype).max
+    else:  # 64-bit pixels at the top would overflow the sum (the frame is refused)
+        top = 2**40 if dtype.itemsize == 8 else np.iinfo(dtype).max
+    image.flat[rng.choice(image.size, min(n_top, image.size), replace=False)] = top
+    if dtype.kind == "f" and image.size > 3:
+        image.flat[rng.integers(0, image.size)] = np.nan  # never counts
+    if background is None:
+        dark = None
+    elif background == "compact":
+        dark = _dark_frame(rng, (height, width), 0, 100)
+    else:
+        dark_dtype = dtype if background == "same" else np.dtype(background)
+        dark = _random_image(rng, dark_dtype, (height, width))
+        if dark_dtype.kind == "f":
+            dark = np.nan_to_num(dark, nan=0.0)
+        if dtype.itemsize == 8 and dtype.kind in "iu":
+            dark = np.clip(dark, 0, 1000).astype(dark_dtype)  # keep the 64-bit sum exact
+    pixel = float(image.flat[rng.integers(0, image.size)])
+    if not np.isfinite(pixel):
+        pixel = 1000.0
+    pixel = abs(pixel)
+    level = {"none": None, "pixel": pixel, "pixel-1": max(pixel - 1, 0.0),
+             "pixel+1": pixel + 1, "pixel+0.5": pixel + 0.5,
+             "pixel-0.5": max(pixel - 0.5, 0.0), "zero": 0, "huge": 1e30}[level_choice]
+    if level is not None and level_choice != "huge" and float(level).is_integer():
+        level = int(level)  # whole numbers as int: exact for 64-bit pixels
+    ymin = int(rng.integers(0, height))
+    ymax = int(rng.integers(ymin + 1, height + 1))
+    settings = Settings(roi=(ymin, ymax), background=dark, saturation_level=level)
+    if background == "compact":
+        assert settings.plan_for(image.shape, image.dtype).compact_background is not None
+    result = process(image, settings)
+    assert result.n_saturated == _expected_saturated(image, level, ymin, ymax)
+    assert type(result.n_saturated) is int
+
+
+def test_the_camera_case_counts_the_saturated_pixels_of_the_simulator():
+    camera = SimulatedCamera(SimConfig(height=256, width=320, pool=3, seed=4, saturate=37))
+    y0, y1 = camera.band
+    for image, truth in zip(camera.images, camera.truths, strict=True):
+        for roi, background in (((y0, y1), camera.background), ((0, 0), None),
+                                ((y0 + 1, y1 - 1), camera.background)):
+            settings = Settings(roi=roi, background=background)
+            ymin, ymax = roi[0], roi[1] or image.shape[0]
+            expected = int((image[ymin:ymax] >= 65535).sum())
+            assert process(image, settings).n_saturated == expected
+        assert process(image, Settings(roi=(y0, y1))).n_saturated == truth.saturated == 37
+        # the background changes the spectrum, never the count of raw pixels at the top
+        below = Settings(roi=(y0, y1), background=camera.background, saturation_level=65534.5)
+        assert process(image, below).n_saturated == 37
+
+
+def test_saturation_levels_at_the_edges():
+    image = np.array([[0, 1, 65535], [65534, 65535, 7]], dtype=np.uint16)
+    levels = (None, 0, 0.5, 1, 65534, 65534.5, 65535, 65535.5, 65536, 10**30)
+    count = [process(image, Settings(saturation_level=level)).n_saturated for level in levels]
+    assert count == [2, 6, 5, 5, 3, 2, 2, 0, 0, 0]
+    floats = image.astype(np.float32)
+    floats[0, 0] = np.inf
+    assert process(floats, Settings()).n_saturated == 0  # floats have no top
+    assert process(floats, Settings(saturation_level=65535)).n_saturated == 3  # inf counts
+    assert process(floats, Settings(saturation_level=65534.5)).n_saturated == 3
+    signed = np.array([[-5, 127, 3]], dtype=np.int8)
+    assert process(signed, Settings()).n_saturated == 1
+    assert process(signed, Settings(saturation_level=0)).n_saturated == 2
+
+
+def test_rows_wider_than_a_16_bit_count():
+    image = np.full((3, 70_001), 65535, dtype=np.uint16)
+    assert process(image, Settings(roi=(1, 3))).n_saturated == 2 * 70_001
+    dark = np.full(image.shape, 100, dtype=np.uint16)
+    assert process(image, Settings(background=dark)).n_saturated == 3 * 70_001
+
+
+@pytest.mark.parametrize(
+    ("level", "message"),
+    [(-1, "negative"), (-0.5, "negative"), (float("nan"), "finite"), (float("inf"), "finite"),
+     (True, "number"), ("65535", "number"), ([1], "number")],
+)
+def test_bad_saturation_levels_are_refused(level, message):
+    with pytest.raises(ValueError, match=message):
+        Settings(saturation_level=level)
+
+
+def test_saturation_level_is_kept_as_given():
+    assert Settings(saturation_level=np.uint16(4000)).saturation_level == 4000
+    assert type(Settings(saturation_level=np.uint16(4000)).saturation_level) is int
+    assert Settings(saturation_level=np.float32(0.5)).saturation_level == 0.5
+    assert Settings(saturation_level=None).saturation_level is None
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_a_64_bit_image_with_a_float_background_is_summed_in_float64(dtype):
+    image = np.arange(12, dtype=dtype).reshape(3, 4)
+    result = process(image, Settings(background=np.ones((3, 4), np.float32)))
+    assert result.spectrum.dtype == np.float64
+    np.testing.assert_array_equal(result.spectrum, [10.0, 12.0, 15.0, 18.0])

@@ -18,7 +18,7 @@ from iochelpers import EPICS_ENV, IocProcess, wait_until
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi import checks
 
-from psss_ioc.cli.commands import free_port
+from psss_ioc.processes import free_port
 from psss_ioc.rest.openapi import OPENAPI
 
 PREFIX = "TST-PSSS-RESTFZ"

@@ -25,8 +25,8 @@ import requests
 import yaml
 from iochelpers import EPICS_ENV, RUN, IocProcess, caget, caput, wait_until
 
-from psss_ioc.cli.commands import free_port
 from psss_ioc.ioc import pvs
+from psss_ioc.processes import free_port
 from psss_ioc.rest import server as rest
 
 PREFIX = "TST-PSSS-HOSTILE"

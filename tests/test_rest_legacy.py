@@ -24,9 +24,9 @@ from iochelpers import BIN, EPICS_ENV, IocProcess, simulator_args, wait_until
 from p4p.client.thread import Context
 
 from psss_ioc import PsssProcessingClient
-from psss_ioc.cli.commands import free_port
 from psss_ioc.core.processing import Settings, process
 from psss_ioc.ioc import pvs
+from psss_ioc.processes import free_port
 from psss_ioc.streams.simulate import SimConfig, SimulatedCamera, SimulatorProcess
 
 PREFIX = "TST-PSSS-REST"

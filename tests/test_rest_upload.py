@@ -18,8 +18,8 @@ import requests
 from iochelpers import EPICS_ENV, IocProcess, caget, wait_until
 
 from psss_ioc import PsssProcessingClient
-from psss_ioc.cli.commands import free_port
 from psss_ioc.ioc import pvs
+from psss_ioc.processes import free_port
 
 PREFIX = "TST-PSSS-RESTUP"
 TOKEN = "s3cret-token"

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from iochelpers import EPICS_ENV, IocProcess, caget, simulator_args, wait_until
 
-from psss_ioc.cli.commands import free_port
 from psss_ioc.ioc import pvs
+from psss_ioc.processes import free_port
 from psss_ioc.streams.simulate import SimConfig, SimulatedCamera, SimulatorProcess
 
 PREFIX = "TST-PSSS-ROI"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy.optimize import curve_fit
 
+from psss_ioc.pipeline.acquire import BackgroundAcquisition
 from psss_ioc.streams.channels import image_channel_for
 from psss_ioc.streams.simulate import (
     FWHM_PER_SIGMA,
@@ -169,3 +170,117 @@ def test_pub_without_subscriber_drops_until_stopped() -> None:
     assert not runner.is_alive()
     assert sim.stats.sent == 0 and sim.stats.dropped > 10
     assert math.isnan(sim.stats.rate)
+
+
+# --- dark frames (--dark) and saturated pixels (--saturate N), issue 18 ---------------------
+
+
+def test_dark_frames_have_no_band_and_average_to_what_was_sent(tmp_path: Path) -> None:
+    """Two cycles of a 4-frame pool of dark frames: each frame is the pool frame the simulator
+    computes for it; their mean (and a background acquired from them) is the pool's mean, the
+    dark frame within the read noise, with nothing in the band rows."""
+    truth_file, background_file = tmp_path / "truth.jsonl", tmp_path / "dark.h5"
+    args = ["--dark", "--count", "8", "--pool", "4", "--rate", "0", "--height", "40",
+            "--width", "120", "--seed", "4", "--truth", str(truth_file),
+            "--write-background", str(background_file)]
+    with SimulatorProcess(args) as sim, CameraSource(sim.address, image_channel=CHANNEL,
+                                                     receive_timeout=5.0) as source:
+        frames = receive(source, 8)
+        output = sim.wait(30)
+    assert "sent 8 frames" in output
+    camera = SimulatedCamera(SimConfig(height=40, width=120, seed=4, pool=4, dark=True))
+    assert [f.pulse_id for f in frames] == list(range(1, 9))
+    for frame in frames:
+        np.testing.assert_array_equal(frame.image, camera.images[(frame.pulse_id - 1) % 4])
+    with h5py.File(background_file) as f:
+        dark = f["image"][()]
+    np.testing.assert_array_equal(dark, camera.background)
+
+    sent = np.stack([f.image for f in frames]).astype(np.int64)
+    mean = sent.mean(axis=0)
+    np.testing.assert_array_equal(mean, np.stack(camera.images).astype(np.int64).mean(axis=0))
+    # no band: frame minus dark frame is read noise only, in the band rows as elsewhere
+    residual = mean - dark
+    y0, y1 = camera.band
+    assert abs(residual.mean()) < 0.05 and abs(residual[y0:y1].mean()) < 0.2
+    assert residual.std() == pytest.approx(3 / 2, rel=0.1)  # 3 counts of noise over 4 frames
+    assert abs(residual[y0:y1].sum(axis=0).mean()) < 1.0  # no spectrum in the band
+
+    acquisition = BackgroundAcquisition(8)
+    for frame in frames:
+        acquisition.add(frame.image)
+    np.testing.assert_array_equal(acquisition.result(), np.rint(mean).astype(np.uint16))
+
+    truths = [json.loads(line) for line in truth_file.read_text().splitlines()]
+    assert [t["pulse_id"] for t in truths] == list(range(1, 9))
+    assert all(t["dark"] and t["center"] is None and t["fwhm"] is None for t in truths)
+
+
+def test_noiseless_dark_frames_are_the_dark_frame() -> None:
+    camera = SimulatedCamera(SimConfig(height=16, width=64, pool=3, noise=0, dark=True))
+    for image in camera.images:
+        np.testing.assert_array_equal(image, camera.background)
+    # the dark frame is the same one the frames with a band are made on
+    lit = SimulatedCamera(SimConfig(height=16, width=64, pool=3, noise=0))
+    np.testing.assert_array_equal(lit.background, camera.background)
+
+
+def test_saturated_frames_have_n_pixels_at_the_top_inside_the_band(tmp_path: Path) -> None:
+    truth_file = tmp_path / "truth.jsonl"
+    args = ["--saturate", "5", "--count", "6", "--pool", "3", "--rate", "0", "--height", "40",
+            "--width", "120", "--seed", "9", "--truth", str(truth_file)]
+    with SimulatorProcess(args) as sim, CameraSource(sim.address, image_channel=CHANNEL,
+                                                     receive_timeout=5.0) as source:
+        frames = receive(source, 6)
+        sim.wait(30)
+    camera = SimulatedCamera(SimConfig(height=40, width=120, seed=9, pool=3, saturate=5))
+    plain = SimulatedCamera(SimConfig(height=40, width=120, seed=9, pool=3))
+    y0, y1 = camera.band
+    positions = []
+    for frame in frames:
+        k = (frame.pulse_id - 1) % 3
+        np.testing.assert_array_equal(frame.image, camera.images[k])
+        at_top = np.argwhere(frame.image == 65535)
+        assert len(at_top) == 5 and np.all((at_top[:, 0] >= y0) & (at_top[:, 0] < y1))
+        # every other pixel is the frame's own content, as without --saturate
+        differs = np.argwhere(frame.image != plain.images[k])
+        np.testing.assert_array_equal(differs, at_top)
+        positions.append(at_top.tolist())
+    assert positions[0] != positions[1] != positions[2]  # other pixels each pool frame
+    assert positions[:3] == positions[3:]  # the pool cycles
+    truths = [json.loads(line) for line in truth_file.read_text().splitlines()]
+    assert [t["saturated"] for t in truths] == [5] * 6
+
+
+@pytest.mark.parametrize(("dtype", "top"), [("uint16", 65535), ("uint32", 2**32 - 1),
+                                            ("int32", 2**31 - 1), ("float32", 65535.0)])
+def test_saturation_is_the_top_of_the_dtype(dtype: str, top: float) -> None:
+    camera = SimulatedCamera(SimConfig(height=20, width=32, dtype=dtype, pool=2, saturate=3,
+                                       seed=1, dark=True))
+    assert camera.top == top
+    for image, truth in zip(camera.images, camera.truths, strict=True):
+        assert image.dtype == np.dtype(dtype) and np.count_nonzero(image == top) == 3
+        assert truth.saturated == 3 and truth.dark
+
+
+def test_saturation_is_seeded_and_counts_a_band_that_saturates_by_itself() -> None:
+    config = SimConfig(height=20, width=64, pool=2, saturate=4, seed=3)
+    again = SimulatedCamera(config)
+    for a, b in zip(SimulatedCamera(config).images, again.images, strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = SimulatedCamera(SimConfig(height=20, width=64, pool=2, saturate=4, seed=4))
+    assert not np.array_equal(np.argwhere(again.images[0] == 65535),
+                              np.argwhere(other.images[0] == 65535))
+    # a bright beam clips the band's centre already: at least N at the top, the truth says how many
+    bright = SimulatedCamera(SimConfig(height=20, width=64, pool=2, saturate=4, seed=3,
+                                       peak=1e6, noise=0))
+    for image, truth in zip(bright.images, bright.truths, strict=True):
+        assert truth.saturated == np.count_nonzero(image == 65535) > 4
+
+
+def test_saturating_more_than_the_band_holds_is_refused() -> None:
+    with pytest.raises(ValueError, match="more than the band's 64 pixels"):
+        SimulatedCamera(SimConfig(height=20, width=32, saturate=65))
+    with pytest.raises(ValueError, match=">= 0"):
+        SimConfig(saturate=-1)
+    SimulatedCamera(SimConfig(height=20, width=32, saturate=64, pool=1))  # the whole band

@@ -160,7 +160,8 @@ def test_result_sender_to_bsread_source(mode: str, forward_image: bool) -> None:
     assert [(m.global_timestamp, m.global_timestamp_offset) for m in messages] == [
         (1700000000, 42), (1700000000, 43), (1700000000, 44)]
     data = [m.data for m in messages]
-    expected_names = [NAMES.spectrum, NAMES.center, NAMES.fwhm, NAMES.parameters]
+    expected_names = [NAMES.spectrum, NAMES.center, NAMES.fwhm, NAMES.parameters,
+                      NAMES.saturated]
     if forward_image:
         expected_names.insert(0, CHANNEL)
     assert all(list(d) == expected_names for d in data)

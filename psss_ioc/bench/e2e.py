@@ -24,6 +24,12 @@ Cases, measured in one run:
 - ``rate_100hz_bitshuffle_lz4`` (with ``--compression bitshuffle_lz4``): the same steady run,
   the same IOC and settings, the camera sending bitshuffle_lz4 frames; ``compressed_vs_plain``
   is its CPU per frame over the uncompressed run's, its floor a relay of the compressed frames.
+- ``rate_100hz_no_view`` (unless ``--no-view-phase``): the same steady run, the same IOC and
+  frames, with the operator's image view off (IMAGE_RATE 0; the ``rate_100hz`` run has it at
+  the IOC's default, ``image_rate_hz`` in each row). ``view_vs_no_view`` is the CPU per frame
+  with the view over the CPU per frame without it (issue 18: at most 1.10), beside both
+  figures (``view_cpu_ms_per_frame``, ``no_view_cpu_ms_per_frame``). Afterwards IMAGE_RATE is
+  put back, so the later cases run with the view at its default.
 
 The IOC subtracts the camera's dark frame (``--no-background``: none) and sums the rows of
 ``--roi`` (default: the whole image), as set through its records.
@@ -202,7 +208,8 @@ class RunningIoc:
         self._pv = {pv.name: epics.PV(pvs.full_name(PREFIX, pv))
                     for pv in (pvs.N_PROCESSED, pvs.N_LOST, pvs.N_ERRORS, pvs.N_OUT_DROPPED,
                                pvs.INPUT_STREAM, pvs.START, pvs.STOP, pvs.BACKGROUND_FILE,
-                               pvs.BACKGROUND_STATUS, pvs.SPC_ROI_YMIN, pvs.SPC_ROI_YMAX)}
+                               pvs.BACKGROUND_STATUS, pvs.SPC_ROI_YMIN, pvs.SPC_ROI_YMAX,
+                               pvs.IMAGE_RATE)}
         if not all(pv.wait_for_connection(timeout=60) for pv in self._pv.values()):
             self.close()
             raise click.ClickException(f"the IOC did not come up; log in {workdir}")
@@ -232,6 +239,20 @@ class RunningIoc:
         self._pv[pvs.SPC_ROI_YMIN.name].put(0, wait=True, timeout=30)  # any pair order works
         self._pv[pvs.SPC_ROI_YMAX.name].put(ymax, wait=True, timeout=30)
         self._pv[pvs.SPC_ROI_YMIN.name].put(ymin, wait=True, timeout=30)
+
+    def image_rate(self) -> float:
+        """IMAGE_RATE in force (Hz; 0: the image view is off)."""
+        got = self._pv[pvs.IMAGE_RATE.name].get(timeout=5, use_monitor=False)
+        if got is None:
+            raise click.ClickException(f"no answer from {pvs.IMAGE_RATE.name}")
+        return float(got)
+
+    def set_image_rate(self, hz: float) -> None:
+        """Put IMAGE_RATE, as an operator does, and check that the IOC took it."""
+        self._pv[pvs.IMAGE_RATE.name].put(hz, wait=True, timeout=30)
+        if abs(self.image_rate() - hz) > 1e-6:
+            raise click.ClickException(f"{pvs.IMAGE_RATE.name} did not take {hz:g}: "
+                                       f"{self.image_rate():g}")
 
     def follow(self, address: str) -> None:
         self._pv[pvs.STOP.name].put(1, wait=True, timeout=30)
@@ -354,9 +375,13 @@ def _highest_lossless_rate(ioc: RunningIoc, ceiling: float, max_steps: int, heig
               help="The IOC subtracts the camera's dark frame.")
 @click.option("--roi", type=(int, int), default=None, metavar="YMIN YMAX",
               help="ROI rows the IOC sums [default: the whole image].")
+@click.option("--view-phase/--no-view-phase", default=True, show_default=True,
+              help="Also run the steady case with the image view off (IMAGE_RATE 0) and "
+                   "report view_vs_no_view, the CPU per frame with the view at its default "
+                   "over the CPU per frame without it (one more --duration).")
 def e2e(as_json: bool, duration: float, step_seconds: float, height: int, width: int,
         rate: float, max_steps: int, forward_image: bool, compression: str, background: bool,
-        roi: tuple[int, int] | None) -> None:
+        roi: tuple[int, int] | None, view_phase: bool) -> None:
     """End to end: simulated camera -> IOC -> output consumer; loss, CPU, max lossless rate."""
     if min(duration, step_seconds, rate) <= 0 or height < 8 or width < 8 or max_steps < 0:
         raise click.BadParameter("durations, rate must be > 0, steps >= 0, frames at least "
@@ -373,11 +398,29 @@ def e2e(as_json: bool, duration: float, step_seconds: float, height: int, width:
     with running_ioc(forward_image) as ioc:
         dark = write_background(ioc.workdir / "dark.h5", height, width) if background else None
         ioc.configure(dark, roi)
+        view_rate = ioc.image_rate()  # the IOC's default: a fresh IOC, nothing restored
         steady = run_window(ioc, rate, duration, height, width)
         rows.append({"case": f"rate_{rate:g}hz", **steady, "ratio": steady["rate_hz"] / rate,
                      "floor_cpu_ms_per_frame": floor,
                      "floor_user_cpu_ms_per_frame": floor_user,
-                     "cpu_vs_floor": steady["cpu_ms_per_frame"] / floor})
+                     "cpu_vs_floor": steady["cpu_ms_per_frame"] / floor,
+                     "image_rate_hz": view_rate})
+        if view_phase:
+            ioc.set_image_rate(0.0)
+            try:
+                window = run_window(ioc, rate, duration, height, width)
+            finally:
+                ioc.set_image_rate(view_rate)
+            rows.append({"case": f"rate_{rate:g}hz_no_view", **window,
+                         "ratio": window["rate_hz"] / rate,
+                         "floor_cpu_ms_per_frame": floor,
+                         "floor_user_cpu_ms_per_frame": floor_user,
+                         "cpu_vs_floor": window["cpu_ms_per_frame"] / floor,
+                         "image_rate_hz": 0.0,
+                         "view_cpu_ms_per_frame": steady["cpu_ms_per_frame"],
+                         "no_view_cpu_ms_per_frame": window["cpu_ms_per_frame"],
+                         "view_vs_no_view":
+                             steady["cpu_ms_per_frame"] / window["cpu_ms_per_frame"]})
         if packed:
             window = run_window(ioc, rate, duration, height, width, compression=packed)
             rows.append({"case": f"rate_{rate:g}hz_{packed}", **window,
@@ -393,8 +436,8 @@ def e2e(as_json: bool, duration: float, step_seconds: float, height: int, width:
     image = "image forwarded" if forward_image else "image not forwarded"
     rows_summed = f"ROI rows [{roi[0]}, {roi[1]})" if roi else "whole image"
     title = (f"bench e2e ({height} x {width}, {image}, "
-             f"{'background' if background else 'no background'}, {rows_summed}; "
-             "ratios measured in this run)")
+             f"{'background' if background else 'no background'}, {rows_summed}, "
+             f"image view at {view_rate:g} Hz; ratios measured in this run)")
     if not max_steps:
         emit(rows, as_json, title=title)
         return

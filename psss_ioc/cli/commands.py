@@ -20,11 +20,6 @@ from psss_ioc.ioc.config import (
     prefix_problem,
 )
 
-# Where they were before psss_ioc.processes; tests still import them from here.
-from psss_ioc.processes import free_port as free_port
-from psss_ioc.processes import loopback_epics_env as loopback_epics_env
-from psss_ioc.processes import stop_process as stop_process
-
 log = logging.getLogger(__name__)
 
 

@@ -30,8 +30,10 @@ _ROBUST_SAMPLES = 512
 
 
 class Reason(enum.IntEnum):
-    """Why a fit has its status: what the compiled code returns (numba returns no strings
-    cheaply). Each reason carries its `status` and its `text`, the FitResult's ``reason``."""
+    """Why a fit has its status. Each reason carries its `status` and its `text` (the
+    FitResult's ``reason``). The compiled code returns its value (``Reason.FLAT.value``):
+    numba returns no strings cheaply, and an enum member or a named tuple costs a Python
+    call each to box (microseconds per frame, from cold caches)."""
 
     status: FitStatus
     text: str
@@ -89,19 +91,13 @@ class FitResult(NamedTuple):
         return self.status is FitStatus.OK
 
 
-class Analysis(NamedTuple):
-    """What the compiled `analyse` returns (numba makes and returns named tuples); the fit
-    values are only meaningful when ``reason`` is FITTED. `result_of` makes the FitResult."""
+_REASON_OF_VALUE = tuple(Reason)  # Reason(value) without the enum call (`result_of`)
+assert all(reason.value == value for value, reason in enumerate(_REASON_OF_VALUE))
 
-    reason: Reason
-    amplitude: float
-    center: float
-    sigma: float
-    offset: float
-    chi2_reduced: float
-    iterations: int
-    com: float
-    rms: float
+# What the compiled `analyse` returns, a plain tuple (see `Reason`): (reason value, amplitude,
+# center, sigma, offset, chi2_reduced, iterations, com, rms). `result_of` unpacks it by name;
+# the fit values in it mean something only when the reason is FITTED.
+Analysis = tuple[int, float, float, float, float, float, int, float, float]
 
 
 # Compiled per-frame code: nogil so the IOC's other threads run meanwhile, cached on disk so
@@ -660,17 +656,18 @@ def _binned_fit(
     return iterations
 
 
-class AxisNumbers(NamedTuple):
-    """An axis' share of the fit, the same for every frame (`describe_axis`): all NaN but
-    ``finite`` when the axis has non-finite values. The normalised axis is (x - x0) / x_scale."""
-
-    finite: bool
-    x0: float  # the axis' midpoint
-    x_scale: float  # its extent
-    lo: float
-    hi: float
-    min_spacing: float  # the smallest step of the normalised axis
-    spacing: float  # the normalised axis' uniform spacing (`uniform_step`), or 0
+# An axis' share of the fit, the same for every frame (`describe_axis`): an array indexed by
+# these names. An array, not a named tuple: numba's dispatcher types an array argument in C,
+# a tuple in Python (a few microseconds per frame). All NaN but _AXIS_FINITE (0) when the axis
+# has non-finite values; the normalised axis is (x - x0) / x_scale.
+_AXIS_FINITE = 0  # 1.0 when the axis is finite
+_AXIS_X0 = 1  # the axis' midpoint
+_AXIS_SCALE = 2  # its extent, x_scale
+_AXIS_LO = 3
+_AXIS_HI = 4
+_AXIS_MIN_SPACING = 5  # the smallest step of the normalised axis
+_AXIS_SPACING = 6  # the normalised axis' uniform spacing (`uniform_step`), or 0
+_AXIS_NUMBERS = 7
 
 
 class FitAxis(NamedTuple):
@@ -678,7 +675,7 @@ class FitAxis(NamedTuple):
 
     values: np.ndarray
     normalised: np.ndarray
-    numbers: AxisNumbers
+    numbers: np.ndarray  # indexed by the _AXIS_* names
 
 
 def fit_axis(x: np.ndarray) -> FitAxis:
@@ -689,15 +686,18 @@ def fit_axis(x: np.ndarray) -> FitAxis:
     """
     values = np.ascontiguousarray(x, dtype=np.float64)
     normalised = np.empty(values.shape[0])
-    return FitAxis(values, normalised, describe_axis(values, normalised))
+    numbers = np.empty(_AXIS_NUMBERS)
+    describe_axis(values, normalised, numbers)
+    return FitAxis(values, normalised, numbers)
 
 
 @njit(**_COMPILED)
-def describe_axis(x: np.ndarray, xs: np.ndarray) -> AxisNumbers:
-    """The axis' numbers; fills xs with the normalised axis (when x is finite)."""
-    nan = math.nan
+def describe_axis(x: np.ndarray, xs: np.ndarray, numbers: np.ndarray) -> None:
+    """Fill the normalised axis xs (when x is finite) and the axis' numbers (_AXIS_*)."""
+    numbers[:] = math.nan
+    numbers[_AXIS_FINITE] = 0.0
     if not _all_finite(x) or x.shape[0] < 1:
-        return AxisNumbers(False, nan, nan, nan, nan, nan, nan)
+        return
     # Normalise so the fit is equally well conditioned for any units.
     x_lo = x.min()
     x_hi = x.max()
@@ -710,8 +710,13 @@ def describe_axis(x: np.ndarray, xs: np.ndarray) -> AxisNumbers:
         d = abs(xs[i + 1] - xs[i])
         if 0.0 < d < min_spacing:
             min_spacing = d
-    spacing = uniform_step(x) / x_scale if x_scale > 0.0 else 0.0
-    return AxisNumbers(True, x0, x_scale, x_lo, x_hi, min_spacing, spacing)
+    numbers[_AXIS_FINITE] = 1.0
+    numbers[_AXIS_X0] = x0
+    numbers[_AXIS_SCALE] = x_scale
+    numbers[_AXIS_LO] = x_lo
+    numbers[_AXIS_HI] = x_hi
+    numbers[_AXIS_MIN_SPACING] = min_spacing
+    numbers[_AXIS_SPACING] = uniform_step(x) / x_scale if x_scale > 0.0 else 0.0
 
 
 @njit(**_COMPILED)
@@ -728,15 +733,16 @@ def analyse(
     When the fit succeeded (reason FITTED), ``curve`` holds the fitted model on x.
     """
     xs = np.empty(x.shape[0])
-    numbers = describe_axis(x, xs)
+    numbers = np.empty(_AXIS_NUMBERS)
+    describe_axis(x, xs, numbers)
     return analyse_on_axis(y, curve, x, xs, numbers, fit_enabled, min_snr, max_iterations)
 
 
 @njit(**_COMPILED)
-def _failed(reason: Reason, iterations: int, com: float, rms: float) -> Analysis:
-    """The Analysis of a fit that gave no values."""
+def _failed(reason: int, iterations: int, com: float, rms: float) -> Analysis:
+    """The Analysis of a fit that gave no values (``reason``: a Reason's value)."""
     nan = math.nan
-    return Analysis(reason, nan, nan, nan, nan, nan, iterations, com, rms)
+    return reason, nan, nan, nan, nan, nan, iterations, com, rms
 
 
 @njit(**_COMPILED, fastmath=_LOOP_MATH)
@@ -745,7 +751,7 @@ def analyse_on_axis(
     curve: np.ndarray,
     x: np.ndarray,
     xs: np.ndarray,
-    numbers: AxisNumbers,
+    numbers: np.ndarray,
     fit_enabled: bool,
     min_snr: float,
     max_iterations: int,
@@ -756,25 +762,27 @@ def analyse_on_axis(
     """
     nan = math.nan
     n = y.shape[0]
-    if not numbers.finite:
-        return _failed(Reason.NON_FINITE_AXIS, 0, nan, nan)
+    if numbers[_AXIS_FINITE] != 1.0:
+        return _failed(Reason.NON_FINITE_AXIS.value, 0, nan, nan)
     if not _all_finite(y):
-        return _failed(Reason.NON_FINITE_SPECTRUM, 0, nan, nan)
+        return _failed(Reason.NON_FINITE_SPECTRUM.value, 0, nan, nan)
     if n < MIN_POINTS:
-        return _failed(Reason.TOO_FEW_POINTS, 0, nan, nan)
+        return _failed(Reason.TOO_FEW_POINTS.value, 0, nan, nan)
     baseline = _robust_baseline(y)
     com, rms = _moments(x, y, baseline)
     if not fit_enabled:
-        return _failed(Reason.DISABLED, 0, com, rms)
-    if not numbers.x_scale > 0.0:
-        return _failed(Reason.AXIS_WITHOUT_EXTENT, 0, com, rms)
+        return _failed(Reason.DISABLED.value, 0, com, rms)
+    x0, x_scale = numbers[_AXIS_X0], numbers[_AXIS_SCALE]
+    min_spacing, spacing = numbers[_AXIS_MIN_SPACING], numbers[_AXIS_SPACING]
+    if not x_scale > 0.0:
+        return _failed(Reason.AXIS_WITHOUT_EXTENT.value, 0, com, rms)
     ymin = y.min()
     ymax = y.max()
     if ymax <= ymin:
-        return _failed(Reason.FLAT, 0, com, rms)
+        return _failed(Reason.FLAT.value, 0, com, rms)
     noise = _robust_noise(y)
     if ymax - baseline <= min_snr * noise:
-        return _failed(Reason.BELOW_SNR, 0, com, rms)
+        return _failed(Reason.BELOW_SNR.value, 0, com, rms)
 
     # Normalise so the fit is equally well conditioned for any count level.
     y_scale = max(abs(ymax), abs(ymin))
@@ -787,40 +795,38 @@ def analyse_on_axis(
         if y[i] > half_raw:
             above_half += 1
     if above_half < 2:
-        return _failed(Reason.NARROWER_THAN_A_BIN, 0, com, rms)
+        return _failed(Reason.NARROWER_THAN_A_BIN.value, 0, com, rms)
 
     p = np.empty(4)
-    _start_values(xs, ys, baseline / y_scale, noise / y_scale, numbers.min_spacing, p)
-    coarse_iterations = _coarse_fit(xs, ys, p, max_iterations, numbers.spacing)
+    _start_values(xs, ys, baseline / y_scale, noise / y_scale, min_spacing, p)
+    coarse_iterations = _coarse_fit(xs, ys, p, max_iterations, spacing)
     unit_gaussian = np.empty(n)
     converged, iterations, chi2 = _levenberg_marquardt(
-        xs, ys, p, max_iterations, unit_gaussian, numbers.spacing
+        xs, ys, p, max_iterations, unit_gaussian, spacing
     )
     iterations += coarse_iterations
     amplitude = p[0] * y_scale
-    center = p[1] * numbers.x_scale + numbers.x0
-    sigma = abs(p[2]) * numbers.x_scale
+    center = p[1] * x_scale + x0
+    sigma = abs(p[2]) * x_scale
     offset = p[3] * y_scale
     dof = max(n - 4, 1)
     chi2_reduced = chi2 * y_scale * y_scale / dof
     for v in (amplitude, center, sigma, offset):
         if not math.isfinite(v):
-            return _failed(Reason.DIVERGED, iterations, com, rms)
+            return _failed(Reason.DIVERGED.value, iterations, com, rms)
     if not converged:
-        reason = Reason.ITERATION_LIMIT
+        reason = Reason.ITERATION_LIMIT.value
     elif amplitude <= 0.0:
-        reason = Reason.AMPLITUDE_NOT_POSITIVE
-    elif center < numbers.lo or center > numbers.hi:
-        reason = Reason.CENTER_OUTSIDE_AXIS
-    elif abs(p[2]) * FWHM_PER_SIGMA < numbers.min_spacing:
-        reason = Reason.NARROWER_THAN_A_BIN
+        reason = Reason.AMPLITUDE_NOT_POSITIVE.value
+    elif center < numbers[_AXIS_LO] or center > numbers[_AXIS_HI]:
+        reason = Reason.CENTER_OUTSIDE_AXIS.value
+    elif abs(p[2]) * FWHM_PER_SIGMA < min_spacing:
+        reason = Reason.NARROWER_THAN_A_BIN.value
     else:
-        reason = Reason.FITTED
+        reason = Reason.FITTED.value
         for i in range(n):
             curve[i] = offset + amplitude * unit_gaussian[i]
-    return Analysis(
-        reason, amplitude, center, sigma, offset, chi2_reduced, iterations, com, rms
-    )
+    return reason, amplitude, center, sigma, offset, chi2_reduced, iterations, com, rms
 
 
 def fit_spectrum(
@@ -840,7 +846,7 @@ def fit_spectrum(
     xf = np.ascontiguousarray(x, dtype=np.float64)
     yf = np.ascontiguousarray(y, dtype=np.float64)
     if xf.ndim != 1 or yf.ndim != 1 or xf.shape != yf.shape:
-        return result_of(_failed(Reason.TOO_FEW_POINTS, 0, math.nan, math.nan), None)
+        return result_of(_failed(Reason.TOO_FEW_POINTS.value, 0, math.nan, math.nan), None)
     curve = np.empty(xf.shape[0])
     analysis = analyse(xf, yf, enabled, float(min_snr), int(max_iterations), curve)
     return result_of(analysis, curve if with_curve else None)
@@ -851,12 +857,14 @@ def result_of(analysis: Analysis, curve: np.ndarray | None) -> FitResult:
 
     Only a fitted result carries the fit's values: a failed fit never reports made-up ones.
     """
-    reason = Reason(analysis.reason)
+    value, amplitude, center, sigma, offset, chi2_reduced, iterations, com, rms = analysis
+    reason = _REASON_OF_VALUE[value]
     if reason is not Reason.FITTED:
         nan = math.nan
-        return FitResult(reason.status, reason.text, nan, nan, nan, nan, nan,
-                         analysis.iterations, analysis.com, analysis.rms, None)
+        return FitResult(
+            reason.status, reason.text, nan, nan, nan, nan, nan, iterations, com, rms, None
+        )
     return FitResult(
-        FitStatus.OK, "", analysis.amplitude, analysis.center, analysis.sigma, analysis.offset,
-        analysis.chi2_reduced, analysis.iterations, analysis.com, analysis.rms, curve,
+        FitStatus.OK, "", amplitude, center, sigma, offset, chi2_reduced, iterations, com, rms,
+        curve,
     )

@@ -60,7 +60,7 @@ class Mismatch(StrEnum):
 
 
 _MISMATCH_FIELDS = {Mismatch.ROI: ("roi",), Mismatch.BACKGROUND: ("background", "background_name"),
-                    Mismatch.AXIS: ("axis",), Mismatch.IMAGE: ()}
+                    Mismatch.AXIS: ("axis", "axis_poly"), Mismatch.IMAGE: ()}
 SETTING_MISMATCHES = (Mismatch.ROI, Mismatch.BACKGROUND, Mismatch.AXIS)
 
 
@@ -106,6 +106,10 @@ class FramePlan(NamedTuple):
     # `analyse_on_axis`'s arguments after the spectrum and curve: the prepared axis (values,
     # normalised, numbers), fit_enabled, min_snr, max_iterations.
     fit_args: tuple[Any, ...]
+    # The kernels' saturation arguments for this image dtype (`_saturation_arguments`):
+    # (threshold, lowest pixel value), and whether the count means anything (else it is 0).
+    saturation: tuple[Any, Any]
+    counts_saturation: bool
 
 
 @dataclass(frozen=True)
@@ -117,17 +121,27 @@ class Settings:
     - ``background``: dark frame subtracted as ``max(image - background, 0)``, or None.
     - ``background_name``: where the background came from (reported, not used).
     - ``axis``: energy (eV) of each column, strictly monotonic, or None for the column index.
+    - ``axis_poly``: ``(c0, c1, c2)``, the energy axis ``E = c0 + c1 x + c2 x^2`` of the column
+      index x = 0..width-1 (finite; not with ``axis``). A polynomial that is not strictly
+      monotonic (or not finite) over a frame's width is a `Mismatch.AXIS` for that frame.
     - ``fit_enabled``: fit a Gaussian to each spectrum.
     - ``min_snr``: peak height over the robust noise below which a spectrum is "low signal".
+    - ``saturation_level``: a pixel of the ROI rows whose raw value (before the background is
+      subtracted) is at or above it counts as saturated (`Result.n_saturated`); >= 0. None:
+      the top of the image dtype (65535 for uint16, ``iinfo.max`` for any integer type); for
+      float images None counts nothing (they have no top). A level above the dtype's range
+      counts nothing.
     """
 
     roi: tuple[int, int] | None = None
     background: np.ndarray | None = field(default=None, repr=False, compare=False)
     background_name: str = ""
     axis: np.ndarray | None = field(default=None, repr=False, compare=False)
+    axis_poly: tuple[float, float, float] | None = None
     fit_enabled: bool = True
     min_snr: float = DEFAULT_MIN_SNR
     max_iterations: int = DEFAULT_MAX_ITERATIONS
+    saturation_level: int | float | None = None
     # Derived once per settings change, never per frame: background per image dtype, and
     # what process() needs per frame shape and dtype.
     _background_cache: dict[Any, np.ndarray] = field(
@@ -149,6 +163,10 @@ class Settings:
             set_(self, "background", _validated_background(self.background))
         if self.axis is not None:
             set_(self, "axis", _validated_axis(self.axis))
+        if self.axis_poly is not None:
+            set_(self, "axis_poly", _validated_axis_poly(self.axis_poly))
+            if self.axis is not None:
+                raise ValueError("energy axis: give its values or a polynomial, not both")
         if not isinstance(self.fit_enabled, bool | np.bool_):
             raise ValueError(f"fit_enabled must be true or false, not {self.fit_enabled!r}")
         set_(self, "fit_enabled", bool(self.fit_enabled))
@@ -158,6 +176,8 @@ class Settings:
             raise ValueError(f"min_snr must not be negative, got {self.min_snr}")
         if not isinstance(self.max_iterations, int) or not 1 <= self.max_iterations <= 10_000:
             raise ValueError(f"max_iterations must be 1..10000, not {self.max_iterations!r}")
+        if self.saturation_level is not None:
+            set_(self, "saturation_level", _validated_saturation_level(self.saturation_level))
 
     def describe(self) -> dict[str, Any]:
         """The legacy ``processing_parameters`` form: background name and ROI."""
@@ -180,9 +200,8 @@ class Settings:
         if self.background is not None and self.background.shape != shape:
             found[Mismatch.BACKGROUND] = (f"background shape {self.background.shape} differs "
                                           f"from image shape {shape}")
-        if self.axis is not None and self.axis.shape[0] != width:
-            found[Mismatch.AXIS] = (f"energy axis has {self.axis.shape[0]} values but the "
-                                    f"image has {width} columns")
+        if reason := self._axis_of(width)[1]:
+            found[Mismatch.AXIS] = reason
         return found
 
     def check_frame(self, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -203,7 +222,7 @@ class Settings:
             background = self.background_for(image_dtype)
             bg_dtype = background.dtype if background is not None else None
             out_dtype = np.dtype(spectrum_dtype(image_dtype, bg_dtype, ymax - ymin))
-            axis = self.axis if self.axis is not None else _column_axis(shape[1])
+            axis = self.axis_for(shape[1])
             compact = None
             if background is not None and _is_camera_case(image_dtype, bg_dtype, out_dtype):
                 compact = _compacted(background)
@@ -214,9 +233,30 @@ class Settings:
                 out_dtype,
                 compact,
                 (*fit_axis(axis), self.fit_enabled, float(self.min_snr), self.max_iterations),
+                *_saturation_arguments(image_dtype, self.saturation_level),
             )
             _remember(self._plans, (shape, image_dtype), plan)
         return plan
+
+    def axis_for(self, width: int) -> np.ndarray:
+        """The axis of frames `width` columns wide (read-only, cached): ``axis``, the
+        polynomial's values over the columns, or the column index. FrameMismatchError
+        (`Mismatch.AXIS`) when it does not fit that width."""
+        axis, reason = self._axis_of(width)
+        if axis is None:
+            raise FrameMismatchError(Mismatch.AXIS, reason)
+        return axis
+
+    def _axis_of(self, width: int) -> tuple[np.ndarray | None, str]:
+        """(`axis_for`'s axis, "") or (None, why there is none for this width)."""
+        if self.axis_poly is not None:
+            return _polynomial_axis(self.axis_poly, width)
+        if self.axis is None:
+            return _column_axis(width), ""
+        if self.axis.shape[0] != width:
+            return None, (f"energy axis has {self.axis.shape[0]} values but the image has "
+                          f"{width} columns")
+        return self.axis, ""
 
     def background_for(self, image_dtype: np.dtype) -> np.ndarray | None:
         """The background in the dtype the kernel pairs with this image dtype (cached)."""
@@ -315,6 +355,107 @@ def _validated_axis(axis: Any) -> np.ndarray:
     if not ((steps > 0).all() or (steps < 0).all()):
         raise ValueError("energy axis must be strictly increasing or strictly decreasing")
     return _frozen_copy(array)
+
+
+def _validated_saturation_level(level: Any) -> int | float:
+    if isinstance(level, bool | np.bool_) or not isinstance(level, int | float | np.number):
+        raise ValueError(f"saturation level must be a number, not {level!r}")
+    if isinstance(level, complex | np.complexfloating) or not math.isfinite(level):
+        raise ValueError(f"saturation level must be a finite number, not {level}")
+    if level < 0:
+        raise ValueError(f"saturation level must not be negative, got {level}")
+    return int(level) if isinstance(level, int | np.integer) else float(level)
+
+
+def _saturation_arguments(image_dtype: np.dtype,
+                          level: int | float | None) -> tuple[tuple[Any, Any], bool]:
+    """The kernels' (threshold, lowest pixel value) for images of `image_dtype`, and whether
+    their count means anything (False: `Result.n_saturated` is 0). A pixel p counts when
+    p >= threshold: for integer images ceil(level) in the image dtype (the same pixels as
+    p >= level), for floats the level in float64 (NaN never counts)."""
+    if image_dtype.kind == "f":
+        low = image_dtype.type(-np.inf)
+        if level is None:  # a float image has no top: nothing counts
+            return (np.float64(np.inf), low), False
+        return (np.float64(level), low), True
+    info = np.iinfo(image_dtype)
+    threshold = info.max if level is None else math.ceil(level)
+    if threshold > info.max:  # no pixel of this dtype reaches it
+        return (image_dtype.type(info.max), image_dtype.type(info.min)), False
+    return (image_dtype.type(max(threshold, info.min)), image_dtype.type(info.min)), True
+
+
+def _validated_axis_poly(coefficients: Any) -> tuple[float, float, float]:
+    if isinstance(coefficients, str | bytes):
+        raise ValueError(f"energy axis polynomial must be (c0, c1, c2), not {coefficients!r}")
+    try:
+        values = tuple(coefficients)
+    except TypeError:
+        raise ValueError(f"energy axis polynomial must be (c0, c1, c2), not {coefficients!r}"
+                         ) from None
+    if len(values) != 3:
+        raise ValueError(f"energy axis polynomial needs 3 coefficients (c0, c1, c2), got "
+                         f"{len(values)}")
+    for name, value in zip(("c0", "c1", "c2"), values, strict=True):
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+            raise ValueError(f"energy axis polynomial {name} must be a number, not {value!r}")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"energy axis polynomial {name} must be finite, not {value}")
+    c0, c1, c2 = (float(v) for v in values)
+    if c1 == 0.0 and c2 == 0.0:
+        raise ValueError(f"energy axis polynomial {polynomial_text((c0, c1, c2))} is "
+                         "constant: c1 or c2 must not be 0")
+    return c0, c1, c2
+
+
+def polynomial_text(coefficients: tuple[float, float, float]) -> str:
+    """E.g. "E = 9000 + 0.5 x - 0.0001 x^2"."""
+    c0, c1, c2 = coefficients
+    return (f"E = {c0:g} {'-' if c1 < 0 else '+'} {abs(c1):g} x "
+            f"{'-' if c2 < 0 else '+'} {abs(c2):g} x^2")
+
+
+# The axes of the polynomials in use, by (coefficients, width): (axis, "") or (None, why not).
+# Settings made from one another share them (so does a RunningAverage, which restarts on a new
+# axis object); the last few only (`_remember`).
+_POLY_AXES: dict[tuple[tuple[float, float, float], int], tuple[np.ndarray | None, str]] = {}
+
+
+def _polynomial_axis(coefficients: tuple[float, float, float],
+                     width: int) -> tuple[np.ndarray | None, str]:
+    """E = c0 + c1 x + c2 x^2 over the columns x = 0..width-1, and "" (cached); or None and
+    the reason it is no axis (not finite, or not strictly monotonic over that width)."""
+    key = (coefficients, width)
+    cached = _POLY_AXES.get(key)
+    if cached is None:
+        cached = _evaluate_axis_poly(coefficients, width)
+        _remember(_POLY_AXES, key, cached)
+    return cached
+
+
+def _evaluate_axis_poly(coefficients: tuple[float, float, float],
+                        width: int) -> tuple[np.ndarray | None, str]:
+    c0, c1, c2 = coefficients
+    x = np.arange(width, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        axis = c0 + c1 * x + c2 * (x * x)
+    name = f"energy axis {polynomial_text(coefficients)}"
+    finite = np.isfinite(axis)
+    if not finite.all():
+        return None, (f"{name} is not finite from column {int(np.argmin(finite))} of {width}: "
+                      "no axis")
+    steps = np.diff(axis)
+    if steps.size:
+        direction = np.sign(steps[0])
+        wrong = np.flatnonzero(np.sign(steps) != direction) if direction else np.zeros(1, int)
+        if wrong.size:
+            column = int(wrong[0])
+            if direction and steps[column]:
+                return None, f"{name} turns at column {column} of {width}: not monotonic"
+            return None, (f"{name} has equal values at columns {column} and {column + 1} of "
+                          f"{width}: not strictly monotonic")
+    axis.setflags(write=False)
+    return axis, ""
 
 
 def _kernel_background(background: np.ndarray, image_dtype: np.dtype) -> np.ndarray:
@@ -437,35 +578,42 @@ def spectrum_dtype(image_dtype: np.dtype, background_dtype: np.dtype | None, row
 # LLVM use a saturating 16-bit subtract before widening (numba would otherwise widen both
 # operands to int64 first). `out` stays in L1.
 #
-# The integer kernels walk two (or four) parts of the ROI at once (rows k and k + half):
-# more memory streams in flight, which one core reads faster than one or two, and each pass
-# adds two (four) rows to `out` for one load and store of it. Integer sums are exact, so the
-# order does not matter. A variant is kept only where it measurably gains on the camera's
-# frames (docs/performance.md, "Kernels").
+# The integer kernels walk several parts of the ROI at once (with a background its two
+# halves, rows k and k + half; without, its four quarters): one core reads memory faster
+# with more streams in flight, and each pass adds several rows to `out` for one load and
+# store of it. Integer sums are exact, so the order does not matter. A variant is kept only
+# where it gains measurably on the camera's frames (docs/performance.md, "Kernels").
 
 
 @njit(cache=True, nogil=True)
 def _sum_rows_minus_compact_background(  # type: ignore[no-untyped-def]
-    image, base, offsets, row_starts, columns, values, ymin, ymax, out
+    image, base, offsets, row_starts, columns, values, ymin, ymax, out, saturation
 ):
     """out[c] += max(image[r, c] - background[r, c], 0) for r in [ymin, ymax): the camera's
     uint16 frame and dark frame, the latter as a `CompactBackground` (offsets uint8, or the
-    uint16 frame itself with base 0 and no outliers), into a uint32 `out`."""
+    uint16 frame itself with base 0 and no outliers), into a uint32 `out`. Returns the
+    number of pixels >= `saturation` (uint16) in those rows (see `_count_saturated`)."""
     # max(p - (base + o), 0) as two saturating 16-bit subtractions, of base then of o: the
     # same value, without widening base + o past 16 bits.
     width = image.shape[1]
     half = (ymax - ymin) // 2
     level = np.uint16(base)
+    saturated = 0
     for k in range(ymin, ymin + half):
         row, dark = image[k], offsets[k]
         row2, dark2 = image[k + half], offsets[k + half]
+        top = np.uint16(0)
         for c in range(width):
-            p = np.uint16(max(row[c], level) - level)
-            p2 = np.uint16(max(row2[c], level) - level)
+            raw, raw2 = row[c], row2[c]
+            p = np.uint16(max(raw, level) - level)
+            p2 = np.uint16(max(raw2, level) - level)
             d, d2 = np.uint16(dark[c]), np.uint16(dark2[c])
             first = np.uint32(np.uint16(max(p, d) - d))
             second = np.uint32(np.uint16(max(p2, d2) - d2))
             out[c] += first + second
+            top = max(top, max(raw, raw2))
+        if top >= saturation:
+            saturated += _count_saturated(row, saturation) + _count_saturated(row2, saturation)
         _correct_outliers(row, k, base, offsets, row_starts, columns, values, out)
         _correct_outliers(row2, k + half, base, offsets, row_starts, columns, values, out)
     for r in range(ymin + 2 * half, ymax):  # the odd row out
@@ -474,7 +622,28 @@ def _sum_rows_minus_compact_background(  # type: ignore[no-untyped-def]
             p = np.uint16(max(row[c], level) - level)
             d = np.uint16(dark[c])
             out[c] += np.uint16(max(p, d) - d)
+        saturated += _count_saturated(row, saturation)
         _correct_outliers(row, r, base, offsets, row_starts, columns, values, out)
+    return saturated
+
+
+@njit(cache=True, nogil=True)
+def _count_saturated(row, saturation):  # type: ignore[no-untyped-def]
+    """The pixels of `row` >= `saturation` (NaN is not).
+
+    Each kernel keeps the largest raw pixel of the rows it adds (one vector max per vector
+    of pixels, which on the camera's frames costs next to nothing) and calls this only for
+    the rows whose largest pixel reaches the level: their pixels are counted while the row is
+    still in L1, so the frame is still read from memory once, and a frame without saturated
+    pixels costs no count at all. The count is a 16-bit vector sum per 32768 pixels."""
+    n = 0
+    width = row.shape[0]
+    for start in range(0, width, 32768):
+        count = np.uint16(0)
+        for c in range(start, min(width, start + 32768)):
+            count = np.uint16(count + np.uint16(row[c] >= saturation))
+        n += count
+    return n
 
 
 @njit(cache=True, nogil=True)
@@ -489,36 +658,57 @@ def _correct_outliers(row, r, base, offsets, row_starts, columns, values, out): 
 
 
 @njit(cache=True, nogil=True)
-def _sum_rows_minus_background_int(image, background, ymin, ymax, out):  # type: ignore[no-untyped-def]
-    """out[c] += max(image[r, c] - background[r, c], 0), any integer dtypes (numba widens)."""
+def _sum_rows_minus_background_int(  # type: ignore[no-untyped-def]
+    image, background, ymin, ymax, out, saturation, low
+):
+    """out[c] += max(image[r, c] - background[r, c], 0), any integer dtypes (numba widens).
+    Returns the pixels >= `saturation` in those rows (`low`: the dtype's lowest value)."""
     width = image.shape[1]
     half = (ymax - ymin) // 2
+    saturated = 0
     for k in range(ymin, ymin + half):
         row, dark = image[k], background[k]
         row2, dark2 = image[k + half], background[k + half]
+        top = low
         for c in range(width):
             out[c] += (max(row[c], dark[c]) - dark[c]) + (max(row2[c], dark2[c]) - dark2[c])
+            top = max(top, max(row[c], row2[c]))
+        if top >= saturation:
+            saturated += _count_saturated(row, saturation) + _count_saturated(row2, saturation)
     for r in range(ymin + 2 * half, ymax):
         row, dark = image[r], background[r]
         for c in range(width):
             out[c] += max(row[c], dark[c]) - dark[c]
+        saturated += _count_saturated(row, saturation)
+    return saturated
 
 
 @njit(cache=True, nogil=True)
-def _sum_rows_minus_background_float(image, background, ymin, ymax, out):  # type: ignore[no-untyped-def]
-    """out[c] += max(image[r, c] - background[r, c], 0) in float64; NaN propagates."""
+def _sum_rows_minus_background_float(  # type: ignore[no-untyped-def]
+    image, background, ymin, ymax, out, saturation, low
+):
+    """out[c] += max(image[r, c] - background[r, c], 0) in float64; NaN propagates.
+    Returns the pixels >= `saturation` in those rows (`low`: the dtype's lowest value)."""
     width = image.shape[1]
+    saturated = 0
     for r in range(ymin, ymax):
         row = image[r]
         dark = background[r]
+        top = low
         for c in range(width):
-            d = np.float64(row[c]) - np.float64(dark[c])
+            p = row[c]
+            d = np.float64(p) - np.float64(dark[c])
             out[c] += d if not d <= 0.0 else 0.0
+            top = p if p > top else top  # a NaN pixel is never the top
+        if top >= saturation:
+            saturated += _count_saturated(row, saturation)
+    return saturated
 
 
 @njit(cache=True, nogil=True)
-def _sum_rows(image, ymin, ymax, out, in_order):  # type: ignore[no-untyped-def]
-    """out[c] += image[r, c] for r in [ymin, ymax).
+def _sum_rows(image, ymin, ymax, out, in_order, saturation, low):  # type: ignore[no-untyped-def]
+    """out[c] += image[r, c] for r in [ymin, ymax); returns the pixels >= `saturation` in
+    those rows (`low`: the dtype's lowest value).
 
     Integers (exact in any order): the four quarters of the ROI at once. Without a
     background the accumulator's load and store weigh as much as the image's bytes; four
@@ -527,35 +717,49 @@ def _sum_rows(image, ymin, ymax, out, in_order):  # type: ignore[no-untyped-def]
     """
     width = image.shape[1]
     quarter = 0 if in_order else (ymax - ymin) // 4
+    saturated = 0
     for k in range(ymin, ymin + quarter):
         a, b = image[k], image[k + quarter]
         c_, d = image[k + 2 * quarter], image[k + 3 * quarter]
+        top = low
         for c in range(width):
             out[c] += (out.dtype.type(a[c]) + out.dtype.type(b[c])) + (
                 out.dtype.type(c_[c]) + out.dtype.type(d[c])
             )
+            top = max(top, max(max(a[c], b[c]), max(c_[c], d[c])))  # integers only
+        if top >= saturation:
+            saturated += (_count_saturated(a, saturation) + _count_saturated(b, saturation)
+                          + _count_saturated(c_, saturation) + _count_saturated(d, saturation))
     for r in range(ymin + 4 * quarter, ymax):  # in order: all rows; else up to three left
         row = image[r]
+        top = low
         for c in range(width):
-            out[c] += row[c]
+            p = row[c]
+            out[c] += p
+            top = p if p > top else top  # a NaN pixel is never the top
+        if top >= saturation:
+            saturated += _count_saturated(row, saturation)
+    return saturated
 
 
 def spectrum(image: np.ndarray, settings: Settings) -> np.ndarray:
     """Background-subtracted, clipped row sum over the ROI: exact for integer images."""
     image = _kernel_image(image)
-    return _planned_spectrum(image, settings.plan_for(image.shape, image.dtype))
+    return _planned_spectrum(image, settings.plan_for(image.shape, image.dtype))[0]
 
 
-def _planned_spectrum(image: np.ndarray, plan: FramePlan) -> np.ndarray:
-    """The spectrum by the plan's kernel."""
-    if image.dtype.itemsize == 8 and image.dtype.kind in "iu":
+def _planned_spectrum(image: np.ndarray, plan: FramePlan) -> tuple[np.ndarray, int]:
+    """The spectrum by the plan's kernel, and the saturated pixels of its rows."""
+    if (image.dtype.itemsize == 8 and image.dtype.kind in "iu"
+            and plan.spectrum_dtype.kind in "iu"):  # (a float background: a float64 sum)
         _check_64_bit_sum(image, plan)
     out = np.zeros(image.shape[1], dtype=plan.spectrum_dtype)
     if plan.compact_background is not None:
-        _sum_rows_minus_compact_background(image, *plan.compact_background, *plan.rows, out)
+        saturated = _sum_rows_minus_compact_background(
+            image, *plan.compact_background, *plan.rows, out, plan.saturation[0])
     else:
-        _add_rows(image, plan.background, *plan.rows, out)
-    return out
+        saturated = _add_rows(image, plan.background, *plan.rows, out, *plan.saturation)
+    return out, saturated if plan.counts_saturation else 0
 
 
 def _check_64_bit_sum(image: np.ndarray, plan: FramePlan) -> None:
@@ -580,15 +784,18 @@ def _check_64_bit_sum(image: np.ndarray, plan: FramePlan) -> None:
 
 
 def _add_rows(
-    image: np.ndarray, background: np.ndarray | None, ymin: int, ymax: int, out: np.ndarray
-) -> None:
-    """The kernel for these dtypes: out[c] += the clipped difference of rows [ymin, ymax)."""
+    image: np.ndarray, background: np.ndarray | None, ymin: int, ymax: int, out: np.ndarray,
+    saturation: Any, low: Any,
+) -> int:
+    """The kernel for these dtypes: out[c] += the clipped difference of rows [ymin, ymax);
+    returns their pixels >= `saturation` (`FramePlan.saturation`)."""
     if background is None:
-        _sum_rows(image, ymin, ymax, out, out.dtype.kind == "f")
-    elif out.dtype == np.float64:
-        _sum_rows_minus_background_float(image, background, ymin, ymax, out)
-    else:  # the camera's uint16 case has its own kernel (`FramePlan.compact_background`)
-        _sum_rows_minus_background_int(image, background, ymin, ymax, out)
+        return _sum_rows(image, ymin, ymax, out, out.dtype.kind == "f", saturation, low)
+    if out.dtype == np.float64:
+        return _sum_rows_minus_background_float(image, background, ymin, ymax, out,
+                                                saturation, low)
+    # the camera's uint16 case has its own kernel (`FramePlan.compact_background`)
+    return _sum_rows_minus_background_int(image, background, ymin, ymax, out, saturation, low)
 
 
 def _is_camera_case(image_dtype: Any, background_dtype: Any, spectrum_dtype: Any) -> bool:
@@ -638,6 +845,9 @@ class Result(NamedTuple):
     axis: np.ndarray
     roi: tuple[int, int]
     fit: FitResult
+    # pixels of the ROI rows at or above `Settings.saturation_level` (raw values, before the
+    # background), counted by the spectrum's kernel
+    n_saturated: int
 
 
 def process(image: np.ndarray, settings: Settings) -> Result:
@@ -661,10 +871,10 @@ def process(image: np.ndarray, settings: Settings) -> Result:
 
 
 def _process_planned(image: np.ndarray, plan: FramePlan) -> Result:
-    out = _planned_spectrum(image, plan)
+    out, saturated = _planned_spectrum(image, plan)
     curve = np.empty(out.shape[0])
     analysis = analyse_on_axis(out.astype(np.float64, copy=False), curve, *plan.fit_args)
-    return Result(out, plan.axis, plan.rows, result_of(analysis, curve))
+    return Result(out, plan.axis, plan.rows, result_of(analysis, curve), saturated)
 
 
 def warm_up() -> None:
@@ -677,7 +887,12 @@ def warm_up() -> None:
     image = rng.integers(0, 1000, (8, 64), dtype=np.uint16)
     image[3:5, 30:34] += 5000
     dark = np.full(image.shape, 10, dtype=np.uint16)
-    for settings in (Settings(), Settings(background=dark, axis=np.linspace(1.0, 2.0, 64))):
+    wide_dark = rng.integers(0, 5000, image.shape, dtype=np.uint16)  # does not compact
+    for settings in (
+        Settings(),
+        Settings(background=dark, axis=np.linspace(1.0, 2.0, 64)),
+        Settings(background=wide_dark),
+    ):
         result = process(image, settings)
         RunningAverage(2).add(result)
 

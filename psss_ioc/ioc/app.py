@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import math
 import os
@@ -32,8 +33,9 @@ import numpy as np
 from epicscorelibs.ca.dbr import ca_timestamp
 from softioc import alarm, asyncio_dispatcher, builder, softioc
 
-from psss_ioc.core import processing
+from psss_ioc.core import processing, view
 from psss_ioc.core.processing import AveragedResult, Mismatch, Result, Settings
+from psss_ioc.core.view import View
 from psss_ioc.ioc import access, memory, pvs, record_writer
 from psss_ioc.ioc.config import (
     ENV_AUTOSAVE_DIR,
@@ -48,9 +50,10 @@ from psss_ioc.ioc.config import (
     OUTPUT_NAMES,
     IocConfig,
     autosave_dir_of,
+    default_background_dir,
     prefix_problem,
 )
-from psss_ioc.ioc.control import WHOLE_IMAGE, Control, Refused, check_range
+from psss_ioc.ioc.control import WHOLE_IMAGE, Control, Refused, check_range, image_bin_problem
 from psss_ioc.ioc.parameters import LegacyParameters
 from psss_ioc.ioc.pvs import PV, AutosaveState, Kind, State
 from psss_ioc.ioc.record_writer import FrameChainWriter
@@ -306,6 +309,10 @@ def write_database(path: Path, prefix: str = "$(P)") -> None:
     builder.WriteRecords(str(path))
 
 
+# Results in the axis' unit: their EGU follows it (`PsssIoc.show_units`)
+ENERGY_RESULTS = (pvs.SPECTRUM_AXIS, pvs.SPECTRUM_CENTER, pvs.SPECTRUM_FWHM, pvs.SPECTRUM_COM,
+                  pvs.SPECTRUM_STD, pvs.SPECTRUM_AVG_CENTER, pvs.SPECTRUM_AVG_FWHM)
+
 # Setting records whose on_update runs for a put of the value they hold (a file name put again
 # loads the file again)
 _ALWAYS_UPDATE = frozenset({pvs.BACKGROUND_FILE.name})
@@ -339,6 +346,9 @@ class RecordPublisher:
         self._control = control  # told whether the settings fit the frames
         self._axis: np.ndarray | None = None
         self._roi_rbv: tuple[int, int] | None = None
+        self._width = 0
+        self._profile_x: np.ndarray | None = None
+        self._view_problem: str | None = None
         # one per chain (by its head's name), made on first use: they need the loaded database
         self._writers: dict[str, FrameChainWriter] = {}
 
@@ -368,8 +378,10 @@ class RecordPublisher:
         if result.axis is not self._axis:
             self._axis = result.axis
             self._set(pvs.SPECTRUM_AXIS, result.axis, timestamp=_timestamp(frame))
-        if result.roi != self._roi_rbv:
+        if result.roi != self._roi_rbv or width != self._width:
             self.show_roi_rows(result.roi)
+            self._width = width
+            self._saturation_limit(result.roi, width)
         fit = result.fit
         curve = fit.curve
         values: dict[str, Any] = {
@@ -382,6 +394,7 @@ class RecordPublisher:
             pvs.SPECTRUM_STD.name: fit.rms,
             pvs.FIT_CHI2.name: fit.chi2_reduced,
             pvs.FIT_STATUS.name: int(fit.status),
+            pvs.N_SATURATED.name: int(getattr(result, "n_saturated", 0)),
             pvs.SPECTRUM_FIT.name: curve if curve is not None else _EMPTY,
             pvs.SPECTRUM_Y.name: result.spectrum,
             # not averaging: the average records show no value rather than repeat an old one
@@ -392,6 +405,42 @@ class RecordPublisher:
         # One GIL-free step under the chain's lock: CA and PVA see this frame's values together.
         sec, ns = frame.timestamp
         self._write_chain(pvs.FRAME_CHAIN, values, (int(sec), int(ns)))
+
+    def _saturation_limit(self, rows: tuple[int, int], width: int) -> None:
+        """N_SATURATED's MAJOR limit: more than 0.1 % of the ROI's pixels."""
+        pixels = (rows[1] - rows[0]) * width
+        name = pvs.full_name(self._prefix, pvs.N_SATURATED)
+        put_string_field(f"{name}.HIHI", str(pixels // 1000 + 1))
+
+    def publish_view(self, frame: FrameLike, view: View, rows: tuple[int, int]) -> None:
+        """Row profile and binned image (a few times a second, not per frame)."""
+        stamp = _timestamp(frame)
+        height = view.profile.shape[0]
+        if height > pvs.MAX_HEIGHT:
+            self._view_refused(f"the image has {height} rows, more than PROFILE_Y holds "
+                               f"({pvs.MAX_HEIGHT}): no view")
+            return
+        if self._profile_x is None or self._profile_x.shape[0] != height:
+            self._profile_x = np.arange(height, dtype=np.float64)
+        self._set(pvs.PROFILE_X, self._profile_x, timestamp=stamp)
+        self._set(pvs.PROFILE_Y, view.profile, timestamp=stamp)
+        image = view.image
+        if image.size > pvs.IMAGE_MAX_PIXELS or image.size == 0:
+            self._view_refused(f"IMAGE_BIN {view.image_bin} does not fit this image: "
+                               f"{image_bin_problem(view.image_bin, frame.image.shape)}")
+            return
+        self._view_problem = None
+        bin_ = view.image_bin
+        self._set(pvs.IMAGE_HEIGHT_BINNED, image.shape[0])
+        self._set(pvs.IMAGE_WIDTH_BINNED, image.shape[1])
+        self._set(pvs.IMAGE_ROI_Y, rows[0] // bin_)
+        self._set(pvs.IMAGE_ROI_HEIGHT, -(-rows[1] // bin_) - rows[0] // bin_)
+        self._set(pvs.IMAGE, image.ravel(), timestamp=stamp)
+
+    def _view_refused(self, why: str) -> None:
+        if why != self._view_problem:  # once, not a few times a second
+            self._view_problem = why
+            self.message(why, error=True)
 
     def publish_state(self, state: State, message: str) -> None:
         self._set(pvs.STATUS, int(state))
@@ -455,7 +504,7 @@ class PsssIoc:
         if hasattr(sender, "parameters_view"):
             sender.parameters_view = self.parameters.view  # type: ignore[union-attr]
         self.control = Control(self.pipeline, self, config.allowed_background_dirs,
-                               self.parameters)
+                               self.parameters, default_background_dir(config))
         self._alarmed: set[str] = set()  # setting records shown in alarm (show_value)
         self._echo: dict[str, Any] = {}  # values show_value wrote to _ALWAYS_UPDATE records
 
@@ -480,6 +529,17 @@ class PsssIoc:
             pvs.FIT_ENABLE.name: self._callbacks(c.check_fit_enabled, c.set_fit_enabled),
             pvs.FIT_MIN_SNR.name: self._callbacks(c.check_min_snr, c.set_min_snr),
             pvs.PARAMETERS_EXTRA.name: self._callbacks(c.check_extra, c.set_extra),
+            pvs.AXIS_MODE.name: self._callbacks(c.check_axis_mode, c.set_axis_mode),
+            **{pv.name: self._callbacks(functools.partial(c.check_axis_coefficient, pv),
+                                        functools.partial(c.set_axis_coefficient, pv))
+               for pv in (pvs.AXIS_C0, pvs.AXIS_C1, pvs.AXIS_C2)},
+            pvs.IMAGE_BIN.name: self._callbacks(c.check_image_bin, c.set_image_bin),
+            pvs.IMAGE_RATE.name: self._callbacks(c.check_image_rate, c.set_image_rate),
+            pvs.SATURATION_LEVEL.name: self._callbacks(c.check_saturation_level,
+                                                       c.set_saturation_level),
+            pvs.BACKGROUND_N.name: self._callbacks(None, c.set_background_n),
+            pvs.ROI_SUGGEST.name: self._action(c.suggest_roi),
+            pvs.BACKGROUND_ACQUIRE.name: self._action(c.acquire_background),
         }
         for pv in pvs.TABLE:
             callbacks = cb.get(pv.name, {})
@@ -525,6 +585,14 @@ class PsssIoc:
         if self.publisher is not None:
             self.publisher.show_roi_rows(rows)
 
+    def show_reading(self, pv: PV, value: Any) -> None:
+        self.rec(pv).set(value)
+
+    def show_units(self, unit: str) -> None:
+        """EGU of the records in energy units follows the axis (eV, or px for columns)."""
+        for pv in ENERGY_RESULTS:
+            put_string_field(f"{pvs.full_name(self.config.prefix, pv)}.EGU", unit)
+
     # -------------------------------------------------------------- record callbacks
     def _callbacks(self, check: Callable[[Any], Any] | None,
                    apply: Callable[[Any], Any]) -> dict[str, Any]:
@@ -542,6 +610,17 @@ class PsssIoc:
 
             callbacks["validate"] = validate
         return callbacks
+
+    def _action(self, act: Callable[[], Any]) -> dict[str, Any]:
+        """An action record's callbacks: `act` on a write of 1, its refusal in MESSAGE."""
+        def on_update(value: Any) -> None:
+            if value:
+                try:
+                    act()
+                except Refused as e:
+                    self.message(str(e), error=True)
+
+        return {"on_update": on_update, "blocking": True}
 
     def _applier(self, apply: Callable[[Any], Any]) -> Callable[[Any], None]:
         def on_update(value: Any) -> None:
@@ -627,12 +706,24 @@ class PsssIoc:
         except Refused as e:
             c.write_roi(*WHOLE_IMAGE)
             self.message(f"restored {e}; using the whole image", error=True)
-        for pv, apply in ((pvs.SPECTRUM_X, c.set_axis), (pvs.FIT_ENABLE, c.set_fit_enabled),
-                          (pvs.FIT_MIN_SNR, c.set_min_snr), (pvs.AVG_N, c.set_average_n)):
+        restored: tuple[tuple[PV, Callable[[Any], Any]], ...] = (
+            # the axis: the coefficients and SPECTRUM_X first, then the mode that picks one
+            *((pv, functools.partial(c.set_axis_coefficient, pv))
+              for pv in (pvs.AXIS_C0, pvs.AXIS_C1, pvs.AXIS_C2)),
+            (pvs.SPECTRUM_X, c.set_axis), (pvs.AXIS_MODE, c.set_axis_mode),
+            (pvs.FIT_ENABLE, c.set_fit_enabled), (pvs.FIT_MIN_SNR, c.set_min_snr),
+            (pvs.AVG_N, c.set_average_n), (pvs.IMAGE_BIN, c.set_image_bin),
+            (pvs.IMAGE_RATE, c.set_image_rate), (pvs.SATURATION_LEVEL, c.set_saturation_level),
+            (pvs.BACKGROUND_N, c.set_background_n))
+        for pv, apply in restored:
             try:
                 apply(self.rec(pv).get())
             except Refused as e:
                 self.message(f"restored {e}", error=True)
+            except Exception as e:  # a bug: the other settings are still restored
+                log.error("restoring %s failed", pv.name, exc_info=True)
+                self.message(f"restoring {pv.name} failed: {type(e).__name__}: {e}",
+                             error=True)
         path = self.rec(pvs.BACKGROUND_FILE).get()
         if path:
             with contextlib.suppress(Refused):  # (shown by the control layer)
@@ -683,23 +774,12 @@ class PsssIoc:
 
 
 def put_string_field(name: str, value: str) -> None:
-    """`dbpf` without its echo: softioc.dbpf prints the new value (`DBF_STRING: "LOCKED"`)
-    into the IOC's output at every start."""
-    from epicscorelibs.ioc import dbCore
+    """The IOC's own write of a field (a record's EGU, an alarm limit, SYSRESET's ASG): `dbPut`
+    under the record's lock. Not `dbPutField`, which a result record's DISP=1 refuses, and not
+    softioc.dbpf, which prints the new value into the IOC's output."""
+    from psss_ioc.ioc.record_writer import put_string
 
-    from psss_ioc.ioc.record_writer import FieldAddress
-
-    put = dbCore.dbPutField
-    put.argtypes = [ctypes.c_void_p, ctypes.c_short, ctypes.c_void_p, ctypes.c_long]
-    put.restype = ctypes.c_long
-    data = value.encode()
-    if len(data) >= 40:  # MAX_STRING_SIZE with its terminating NUL
-        raise ValueError(f"{value!r} is longer than an EPICS string")
-    buffer = ctypes.create_string_buffer(data, 40)
-    field = FieldAddress(name)  # holds the struct dbAddr: kept alive over the call
-    status = put(field.address, 0, buffer, 1)  # 0: DBR_STRING
-    if status != 0:
-        raise RuntimeError(f"writing {value!r} to {name} failed (status {status})")
+    put_string(name, value)
 
 
 def default_source_factory(config: IocConfig) -> SourceFactory:
@@ -801,6 +881,7 @@ def run(config: IocConfig, explicit: set[str] | None = None,
              KERNELS_LOADING)
     started = time.monotonic()
     processing.warm_up()
+    view.warm_up()
     record_writer.warm_up()
     log.info("processing kernels ready (%.1f s)", time.monotonic() - started)
     sender = make_sender(config)

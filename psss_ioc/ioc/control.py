@@ -24,6 +24,7 @@ from psss_ioc.core.processing import Mismatch, Settings, roi_rows
 from psss_ioc.ioc import pvs
 from psss_ioc.ioc.parameters import LegacyParameters, parse_extra
 from psss_ioc.ioc.pvs import BackgroundState, SettingState
+from psss_ioc.pipeline.acquire import BackgroundAcquisition
 from psss_ioc.pipeline.worker import Pipeline
 from psss_ioc.streams.channels import parse_address
 
@@ -166,6 +167,12 @@ class View(Protocol):
     def message(self, text: str, error: bool = False) -> None:
         """MESSAGE (alarmed if `error`) and one log line."""
 
+    def show_reading(self, pv: pvs.PV, value: Any) -> None:
+        """A read-only record (BACKGROUND_PROGRESS) shows `value`."""
+
+    def show_units(self, unit: str) -> None:
+        """The energy results' EGU ("eV" or "px", following the axis)."""
+
 
 class Control:
     """The one place that decides the settings: the record callbacks (Channel Access and PV
@@ -181,11 +188,22 @@ class Control:
 
     def __init__(self, pipeline: Pipeline, view: View,
                  background_dirs: Callable[[], Sequence[Path]],
-                 parameters: LegacyParameters) -> None:
+                 parameters: LegacyParameters, store_dir: Path | None = None) -> None:
         self.pipeline = pipeline
         self._view = view
         self._background_dirs = background_dirs
+        self._store_dir = store_dir  # where uploaded and acquired backgrounds are stored
         self.parameters = parameters
+        # the energy axis: its source, the axis a client wrote, the polynomial's coefficients
+        self._axis_mode = pvs.AxisMode.EXTERNAL
+        self._external_axis: np.ndarray | None = None
+        self._coefficients: tuple[float, float, float] = (
+            float(pvs.AXIS_C0.initial), float(pvs.AXIS_C1.initial), float(pvs.AXIS_C2.initial))
+        self._image_rate = float(pvs.IMAGE_RATE.initial)
+        self._image_bin = int(pvs.IMAGE_BIN.initial)
+        self._background_n = int(pvs.BACKGROUND_N.initial)
+        self._progress_shown = -1
+        pipeline.set_view(self._image_rate, self._image_bin)
         self._lock = threading.RLock()
         self.roi = RoiControl(lambda roi: self.pipeline.configure(roi=roi), self._show_roi)
         # what does not fit the frames, by kind, as the pipeline last said (`frame_fit`)
@@ -312,14 +330,217 @@ class Control:
         return axis
 
     def set_axis(self, value: Any) -> None:
+        """SPECTRUM_X: the external axis, in force while AXIS_MODE is External."""
         axis = self.check_axis(value)
         with self._lock:
-            self.pipeline.configure(axis=axis)
+            self._external_axis = axis
             self._view.show_value(pvs.SPECTRUM_X, axis if axis is not None else _NO_AXIS)
-            self._misfit.pop(Mismatch.AXIS, None)
-            self._show_statuses()
+            if self._axis_mode == pvs.AxisMode.EXTERNAL:
+                self._apply_axis(self._axis_changes(self._axis_mode, self._coefficients))
         n = 0 if axis is None else axis.size
-        self._view.message(f"energy axis set ({n} values)" if n else "energy axis: column index")
+        text = f"energy axis set ({n} values)" if n else "energy axis: column index"
+        if self._axis_mode != pvs.AxisMode.EXTERNAL:
+            text = (f"SPECTRUM_X stored ({n} values); not used while AXIS_MODE is "
+                    f"{_AXIS_MODE_NAMES[self._axis_mode]}")
+        self._view.message(text)
+
+    @staticmethod
+    def check_axis_mode(mode: int) -> None:
+        if mode not in {m.value for m in pvs.AxisMode}:
+            names = ", ".join(f"{m.value} ({_AXIS_MODE_NAMES[m]})" for m in pvs.AxisMode)
+            raise Refused(f"AXIS_MODE refused: {mode} is not one of {names}")
+
+    def set_axis_mode(self, mode: int) -> None:
+        """AXIS_MODE: the axis from SPECTRUM_X, from the polynomial, or the column index."""
+        self.check_axis_mode(mode)
+        new = pvs.AxisMode(mode)
+        with self._lock:
+            changes = self._axis_changes(new, self._coefficients)
+            self._axis_mode = new
+            self._view.show_value(pvs.AXIS_MODE, int(new))
+            self._apply_axis(changes)
+        self._view.message(f"energy axis: {self._describe_axis()}")
+
+    def check_axis_coefficient(self, pv: pvs.PV, value: float) -> tuple[float, float, float]:
+        """The coefficients with `pv` (AXIS_C0..C2) set to `value`; Refused if, in Polynomial
+        mode, the axis they make is not strictly monotonic over the image width."""
+        check_range(pv, value)
+        coefficients = list(self._coefficients)
+        coefficients[_COEFFICIENTS.index(pv)] = float(value)
+        new = (coefficients[0], coefficients[1], coefficients[2])
+        if self._axis_mode == pvs.AxisMode.POLYNOMIAL:
+            self._axis_changes(pvs.AxisMode.POLYNOMIAL, new)
+        return new
+
+    def set_axis_coefficient(self, pv: pvs.PV, value: float) -> None:
+        with self._lock:
+            new = self.check_axis_coefficient(pv, value)
+            self._coefficients = new
+            self._view.show_value(pv, float(value))
+            if self._axis_mode == pvs.AxisMode.POLYNOMIAL:
+                self._apply_axis(self._axis_changes(self._axis_mode, new))
+        if self._axis_mode == pvs.AxisMode.POLYNOMIAL:
+            self._view.message(f"energy axis: {self._describe_axis()}")
+
+    def _axis_changes(self, mode: pvs.AxisMode,
+                      coefficients: tuple[float, float, float]) -> dict[str, Any]:
+        """The Settings fields of the axis in `mode`; Refused if a polynomial is no axis over
+        the frames' width (the axis in force stays)."""
+        if mode == pvs.AxisMode.EXTERNAL:
+            return {"axis": self._external_axis, "axis_poly": None}
+        if mode == pvs.AxisMode.COLUMN_INDEX:
+            return {"axis": None, "axis_poly": None}
+        changes = {"axis": None, "axis_poly": coefficients}
+        try:
+            settings = replace(self.pipeline.settings, **changes)
+        except ValueError as e:
+            raise Refused(f"axis polynomial refused: {e}") from None
+        shape = self.pipeline.image_shape
+        if shape is not None and (reason := settings.mismatches(shape).get(Mismatch.AXIS)):
+            raise Refused(f"axis polynomial refused: {reason}; the axis in force stays")
+        return changes
+
+    def _apply_axis(self, changes: dict[str, Any]) -> None:
+        self.pipeline.configure(**changes)
+        self._misfit.pop(Mismatch.AXIS, None)
+        self._show_statuses()
+        energy = changes["axis"] is not None or changes["axis_poly"] is not None
+        self._view.show_units("eV" if energy else "px")
+
+    def _describe_axis(self) -> str:
+        mode = self._axis_mode
+        if mode == pvs.AxisMode.POLYNOMIAL:
+            c0, c1, c2 = self._coefficients
+            return f"E = {c0:g} + {c1:g} x + {c2:g} x^2 eV (x the column)"
+        if mode == pvs.AxisMode.EXTERNAL and self._external_axis is not None:
+            return f"SPECTRUM_X ({self._external_axis.size} values)"
+        return "the column index (px)"
+
+    # ------------------------------------------------------------------ the operator's view
+    def check_image_bin(self, n: int) -> int:
+        check_range(pvs.IMAGE_BIN, n)
+        shape = self.pipeline.image_shape
+        if shape is not None:
+            problem = image_bin_problem(int(n), shape)
+            if problem:
+                raise Refused(f"IMAGE_BIN refused: {problem}")
+        return int(n)
+
+    def set_image_bin(self, n: int) -> None:
+        n = self.check_image_bin(n)
+        with self._lock:
+            self._image_bin = n
+            self.pipeline.set_view(self._image_rate, n)
+            self._view.show_value(pvs.IMAGE_BIN, n)
+
+    def check_image_rate(self, hz: float) -> float:
+        check_range(pvs.IMAGE_RATE, hz)
+        return float(hz)
+
+    def set_image_rate(self, hz: float) -> None:
+        hz = self.check_image_rate(hz)
+        with self._lock:
+            self._image_rate = hz
+            self.pipeline.set_view(hz, self._image_bin)
+            self._view.show_value(pvs.IMAGE_RATE, hz)
+
+    def check_saturation_level(self, level: int) -> int:
+        """0: the top of the frames' pixel type; above it no pixel could reach the level."""
+        check_range(pvs.SATURATION_LEVEL, level)
+        dtype = self.pipeline.image_dtype
+        if level and dtype is not None and dtype.kind in "iu" and level > np.iinfo(dtype).max:
+            raise Refused(f"SATURATION_LEVEL refused: {level} is above the largest {dtype} "
+                          f"pixel value {np.iinfo(dtype).max}: no pixel could reach it "
+                          "(0: the largest value)")
+        return int(level)
+
+    def set_saturation_level(self, level: int) -> None:
+        level = self.check_saturation_level(level)
+        with self._lock:
+            self.pipeline.configure(saturation_level=level or None)
+            self._view.show_value(pvs.SATURATION_LEVEL, level)
+
+    def suggest_roi(self) -> None:
+        """ROI_SUGGEST: the ROI around the band of the row profile, averaged over the last
+        AVG_N views, through the same rule as a put."""
+        from psss_ioc.core.view import suggest_roi
+
+        profiles = self.pipeline.recent_profiles()
+        if not profiles:
+            raise Refused("ROI_SUGGEST: no row profile yet: it needs frames processed with the "
+                          "view on (IMAGE_RATE above 0); the ROI is unchanged")
+        mean = np.mean(np.stack(profiles), axis=0)
+        try:
+            suggestion = suggest_roi(mean)
+        except ValueError as e:
+            raise Refused(f"ROI_SUGGEST: {e}; the ROI is unchanged") from None
+        outcome = self.write_roi(*suggestion.rows)
+        if not outcome.waiting:
+            self._view.message(f"ROI_SUGGEST: {suggestion.text} (the mean of {len(profiles)} "
+                               "row profiles)")
+
+    # ------------------------------------------------------------------ background from the camera
+    def set_background_n(self, n: int) -> None:
+        check_range(pvs.BACKGROUND_N, n)
+        with self._lock:
+            self._background_n = int(n)
+            self._view.show_value(pvs.BACKGROUND_N, int(n))
+
+    def acquire_background(self) -> None:
+        """BACKGROUND_ACQUIRE: start averaging the next BACKGROUND_N frames, or cancel the
+        acquisition running."""
+        if not self.cancel_background_acquisition("cancelled (BACKGROUND_ACQUIRE pressed "
+                                                  "again)"):
+            self.start_background_acquisition()
+
+    def start_background_acquisition(self, n: int | None = None) -> None:
+        if n is not None:
+            self.set_background_n(n)
+        try:
+            acquisition = BackgroundAcquisition(self._background_n)
+            self.pipeline.acquire_background(acquisition, _Acquiring(self))
+        except ValueError as e:
+            raise Refused(f"background acquisition refused: {e}") from None
+        self._progress_shown = -1
+        self._view.show_reading(pvs.BACKGROUND_PROGRESS, 0.0)
+        self._view.message(f"averaging the next {self._background_n} frames into a background "
+                           "(the beam should be off); BACKGROUND_ACQUIRE again cancels")
+
+    def cancel_background_acquisition(self, reason: str = "cancelled") -> bool:
+        return self.pipeline.cancel_acquisition(reason)
+
+    def _acquisition_progress(self, percent: float) -> None:
+        if int(percent) != self._progress_shown:
+            self._progress_shown = int(percent)
+            self._view.show_reading(pvs.BACKGROUND_PROGRESS, float(int(percent)))
+
+    def _acquisition_done(self, image: np.ndarray) -> None:
+        """Store and load the background (in a thread of its own: the worker goes on)."""
+        def store() -> None:
+            try:
+                if self._store_dir is None:
+                    raise Refused("no background directory to store it in")
+                path = background.write_background(self._store_dir, "acquired_background",
+                                                   image)
+                self.set_background(str(path))
+            except Exception as e:  # (a refusal was shown by set_background)
+                if not isinstance(e, Refused):
+                    log.error("storing the acquired background failed", exc_info=True)
+                    self._view.message(f"background acquisition: storing it failed: {e}",
+                                       error=True)
+                self._view.show_reading(pvs.BACKGROUND_PROGRESS, 0.0)
+                return
+            self._view.show_reading(pvs.BACKGROUND_PROGRESS, 100.0)
+            self._view.message(f"background acquired: {self._background_n} frames averaged "
+                               f"into {path}")
+
+        threading.Thread(target=store, name="psss-background-store", daemon=True).start()
+
+    def _acquisition_aborted(self, reason: str) -> None:
+        self._view.show_reading(pvs.BACKGROUND_PROGRESS, 0.0)
+        kept = self.pipeline.settings.background_name
+        self._view.message(f"background acquisition ended: {reason}; keeping "
+                           f"{kept or 'no background'}", error=True)
 
     # ------------------------------------------------------------------ background
     def set_background(self, path: str, *, restoring: bool = False,
@@ -464,3 +685,37 @@ class Control:
 
 
 _NO_AXIS = np.zeros(0)
+_COEFFICIENTS = (pvs.AXIS_C0, pvs.AXIS_C1, pvs.AXIS_C2)
+_AXIS_MODE_NAMES = {mode: label for mode, (label, _) in zip(pvs.AxisMode, pvs.AXIS_MODE.options,
+                                                             strict=True)}
+
+
+def image_bin_problem(image_bin: int, shape: tuple[int, int]) -> str | None:
+    """Why frames of `shape` cannot be shown binned `image_bin` x `image_bin`, or None."""
+    height, width = shape
+    if image_bin > min(height, width):
+        side = "rows" if height < width else "columns"
+        return f"{image_bin} is more than the image's {min(height, width)} {side}"
+    pixels = (height // image_bin) * (width // image_bin)
+    if pixels > pvs.IMAGE_MAX_PIXELS:
+        least = next(b for b in range(image_bin, 65) if
+                     (height // b) * (width // b) <= pvs.IMAGE_MAX_PIXELS)
+        return (f"{image_bin} gives {height // image_bin} x {width // image_bin} = {pixels} "
+                f"pixels, more than IMAGE holds ({pvs.IMAGE_MAX_PIXELS}): {least} or more")
+    return None
+
+
+class _Acquiring:
+    """A background acquisition's events, into the control layer."""
+
+    def __init__(self, control: Control) -> None:
+        self._control = control
+
+    def progress(self, percent: float) -> None:
+        self._control._acquisition_progress(percent)
+
+    def done(self, background: np.ndarray) -> None:
+        self._control._acquisition_done(background)
+
+    def aborted(self, reason: str) -> None:
+        self._control._acquisition_aborted(reason)

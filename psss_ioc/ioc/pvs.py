@@ -57,6 +57,8 @@ ALARM_FIELDS = {"LOLO": "LLSV", "LOW": "LSV", "HIGH": "HSV", "HIHI": "HHSV"}
 
 # Longest spectrum/axis waveform: the camera is 2560 columns wide; leave room for others.
 MAX_WIDTH = 8192
+MAX_HEIGHT = 8192  # PROFILE_Y: one value per image row
+IMAGE_MAX_PIXELS = 1024 * 1024  # IMAGE, binned: the camera's frame at IMAGE_BIN 4 and up
 MESSAGE_LENGTH = 1024
 PATH_LENGTH = 1024
 EXTRA_LENGTH = 65536  # PARAMETERS_EXTRA: 32 keys of up to 64 + 256 characters, as JSON
@@ -155,6 +157,14 @@ class InputMode(IntEnum):
     SUB = 1
 
 
+class AxisMode(IntEnum):
+    """AXIS_MODE: where the energy axis comes from."""
+
+    EXTERNAL = 0  # SPECTRUM_X, written by a client or followed from another IOC (--axis-pv)
+    POLYNOMIAL = 1  # E = AXIS_C0 + AXIS_C1 x + AXIS_C2 x^2, x the column index
+    COLUMN_INDEX = 2  # no energy: the column index (px)
+
+
 class SettingState(IntEnum):
     """ROI_STATUS / AXIS_STATUS: does the requested setting fit the frames?"""
 
@@ -196,6 +206,28 @@ FIT_ENABLE = PV("FIT_ENABLE", Kind.BOOL_OUT, "Gaussian fit on/off",
                 options=(("Off", NO_ALARM), ("On", NO_ALARM)), initial=1, autosave=True)
 FIT_MIN_SNR = PV("FIT_MIN_SNR", Kind.AO, "Least peak/noise ratio to fit", egu="ratio",
                  prec=1, low=0, high=1e6, initial=3.0, autosave=True)
+# The operator's view of the camera (PROFILE_Y, IMAGE) and what it is computed with
+IMAGE_BIN = PV("IMAGE_BIN", Kind.LONG_OUT, "Image view binning (N x N pixels)", egu="px",
+               low=1, high=64, initial=8, autosave=True)
+IMAGE_RATE = PV("IMAGE_RATE", Kind.AO, "Image view and profile rate (0: off)", egu="Hz",
+                prec=1, low=0, high=10, initial=2.0, autosave=True)
+SATURATION_LEVEL = PV("SATURATION_LEVEL", Kind.LONG_OUT, "Saturated at or above (0: dtype top)",
+                      egu="counts", low=0, high=2**31 - 1, initial=0, autosave=True)
+BACKGROUND_N = PV("BACKGROUND_N", Kind.LONG_OUT, "Frames BACKGROUND_ACQUIRE averages",
+                  low=1, high=10000, initial=100, autosave=True)
+AXIS_MODE = PV("AXIS_MODE", Kind.MBB_OUT, "Energy axis source",
+               options=(("External", NO_ALARM), ("Polynomial", NO_ALARM),
+                        ("Column index", NO_ALARM)),
+               initial=int(AxisMode.EXTERNAL), autosave=True)
+AXIS_C0 = PV("AXIS_C0", Kind.AO, "Axis polynomial: E at column 0", egu="eV", prec=4,
+             low=-1e6, high=1e6, initial=0.0, autosave=True)
+AXIS_C1 = PV("AXIS_C1", Kind.AO, "Axis polynomial: eV per column", egu="eV/px", prec=6,
+             low=-1e6, high=1e6, initial=1.0, autosave=True)
+AXIS_C2 = PV("AXIS_C2", Kind.AO, "Axis polynomial: eV per column^2", egu="eV/px2", prec=9,
+             low=-1e6, high=1e6, initial=0.0, autosave=True)
+ROI_SUGGEST = PV("ROI_SUGGEST", Kind.ACTION, "Set the ROI around the band seen")
+BACKGROUND_ACQUIRE = PV("BACKGROUND_ACQUIRE", Kind.ACTION,
+                        "Average BACKGROUND_N frames; again: stop")
 # Keys REST clients add to the parameters (tags shown in processing_parameters), a JSON object
 # (psss_ioc.ioc.parameters: at most 32 keys; scalars, strings up to 256 characters).
 PARAMETERS_EXTRA = PV("PARAMETERS_EXTRA", Kind.LONG_STRING_OUT, "Extra REST parameters (JSON)",
@@ -242,6 +274,11 @@ FIT_CHI2 = PV("FIT_CHI2", Kind.AI, "Fit reduced chi-square", egu="chi2/dof", pre
               high=100, timestamped=True)
 PULSE_ID = PV("PULSE_ID", Kind.INT64_IN, "Pulse id of the last frame", timestamped=True,
               group_field="pulse_id")
+# MINOR from one saturated pixel; MAJOR above 0.1 % of the ROI's pixels (HIHI, set by the IOC
+# when the ROI or the image width changes)
+N_SATURATED = PV("N_SATURATED", Kind.INT64_IN, "ROI pixels at or above SATURATION_LEVEL",
+                 timestamped=True, group_field="n_saturated",
+                 alarms=(("HIGH", 1, MINOR), ("HIHI", 2**62, MAJOR)))
 SPECTRUM_AVG_Y = PV("SPECTRUM_AVG_Y", Kind.WAVEFORM_IN, "Running average spectrum", prec=1,
                     dtype="float64", nelm=MAX_WIDTH, timestamped=True)
 SPECTRUM_AVG_CENTER = PV("SPECTRUM_AVG_CENTER", Kind.AI, "Centre of average spectrum fit",
@@ -258,9 +295,27 @@ SPECTRUM_AVG_FWHM = PV("SPECTRUM_AVG_FWHM", Kind.AI, "FWHM of average spectrum f
 # triggers the PVA group snapshot.
 FRAME_CHAIN: tuple[PV, ...] = (
     PULSE_ID, SPECTRUM_CENTER, SPECTRUM_FWHM, SPECTRUM_AMPLITUDE, SPECTRUM_OFFSET, SPECTRUM_COM,
-    SPECTRUM_STD, FIT_CHI2, FIT_STATUS, SPECTRUM_FIT, SPECTRUM_AVG_CENTER, SPECTRUM_AVG_FWHM,
-    SPECTRUM_AVG_Y, SPECTRUM_Y,
+    SPECTRUM_STD, FIT_CHI2, FIT_STATUS, N_SATURATED, SPECTRUM_FIT, SPECTRUM_AVG_CENTER,
+    SPECTRUM_AVG_FWHM, SPECTRUM_AVG_Y, SPECTRUM_Y,
 )
+
+# The view, IMAGE_RATE times a second (not per frame: a pass over the whole frame)
+PROFILE_Y = PV("PROFILE_Y", Kind.WAVEFORM_IN, "Row profile: each row summed, bg removed",
+               prec=0, dtype="float64", nelm=MAX_HEIGHT, timestamped=True)
+PROFILE_X = PV("PROFILE_X", Kind.WAVEFORM_IN, "Row index of PROFILE_Y", egu="px", prec=0,
+               dtype="float64", nelm=MAX_HEIGHT, timestamped=True)
+IMAGE = PV("IMAGE", Kind.WAVEFORM_IN, "Image, bg removed, binned IMAGE_BIN", dtype="int32",
+           nelm=IMAGE_MAX_PIXELS, timestamped=True)
+IMAGE_WIDTH_BINNED = PV("IMAGE_WIDTH_BINNED", Kind.LONG_IN, "IMAGE width (binned columns)",
+                        egu="px", initial=0)
+IMAGE_HEIGHT_BINNED = PV("IMAGE_HEIGHT_BINNED", Kind.LONG_IN, "IMAGE height (binned rows)",
+                         egu="px", initial=0)
+IMAGE_ROI_Y = PV("IMAGE_ROI_Y", Kind.LONG_IN, "ROI first row in IMAGE (binned)", egu="px",
+                 initial=0)
+IMAGE_ROI_HEIGHT = PV("IMAGE_ROI_HEIGHT", Kind.LONG_IN, "ROI rows in IMAGE (binned)",
+                      egu="px", initial=0)
+BACKGROUND_PROGRESS = PV("BACKGROUND_PROGRESS", Kind.AI, "Background acquisition done",
+                         egu="%", prec=0, low=0, high=100, initial=0.0)
 
 
 # ---------------------------------------------------------------- state of inputs

@@ -100,6 +100,27 @@ class FieldAddress:
         self.address = ctypes.addressof(self.buffer)
 
 
+def put_string(name: str, value: str) -> None:
+    """`value` into the field `name` as DBR_STRING, with `dbPut` under the record's lock: the
+    IOC's own write (DISP and access security are for clients). Monitors of the field (not
+    processed when it is put: EGU, alarm limits) see it."""
+    data = value.encode()
+    if len(data) >= _MAX_STRING:
+        raise ValueError(f"{value!r} is longer than an EPICS string")
+    buffer = ctypes.create_string_buffer(data, _MAX_STRING)
+    field = FieldAddress(name)  # holds the struct dbAddr: kept alive over the call
+    _lock(field.record)
+    try:
+        status = _put(field.address, 0, ctypes.addressof(buffer), 1)  # 0: DBR_STRING
+    finally:
+        _unlock(field.record)
+    if status != 0:
+        raise RuntimeError(f"writing {value!r} to {name} failed (status {status})")
+
+
+_MAX_STRING = 40  # MAX_STRING_SIZE, with the terminating NUL
+
+
 class FrameChainWriter:
     """Writes the values of a chain of records, then stamps and processes its head.
 

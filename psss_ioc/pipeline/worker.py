@@ -25,6 +25,7 @@ import logging
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -40,10 +41,13 @@ from psss_ioc.core.processing import (
     Result,
     RunningAverage,
     Settings,
+    polynomial_text,
     process,
     resolve_for_frame,
     roi_rows,
 )
+from psss_ioc.core.view import View, frame_view
+from psss_ioc.pipeline.acquire import AcquisitionAborted, BackgroundAcquisition
 from psss_ioc.pipeline.source import (
     BAD_IMAGE,
     FAULT_STATES,
@@ -92,6 +96,22 @@ class Publisher(Protocol):
 
     def publish_message(self, message: str, error: bool) -> None: ...
 
+    def publish_view(self, frame: FrameLike, view: View, rows: tuple[int, int]) -> None:
+        """The operator's view of a frame (profile, binned image), `rows` the ROI in force;
+        at most `Pipeline.set_view`'s rate."""
+        ...
+
+
+class AcquisitionEvents(Protocol):
+    """What a background acquisition tells (`Pipeline.acquire_background`); called from the
+    worker thread."""
+
+    def progress(self, percent: float) -> None: ...
+
+    def done(self, background: np.ndarray) -> None: ...
+
+    def aborted(self, reason: str) -> None: ...
+
 
 class NullPublisher:
     """A publisher that drops everything (for benchmarks and a bare pipeline)."""
@@ -115,6 +135,9 @@ class NullPublisher:
         pass
 
     def publish_message(self, message: str, error: bool) -> None:
+        pass
+
+    def publish_view(self, frame: Any, view: Any, rows: Any) -> None:
         pass
 
 
@@ -151,6 +174,8 @@ def _requested_text(kind: Mismatch, settings: Settings) -> str:
         return f"background {settings.background_name or '(uploaded)'}"
     if kind == Mismatch.AXIS and settings.axis is not None:
         return f"energy axis of {settings.axis.shape[0]} values"
+    if kind == Mismatch.AXIS and settings.axis_poly is not None:
+        return f"energy axis {polynomial_text(settings.axis_poly)}"
     return str(kind)
 
 
@@ -163,7 +188,7 @@ def _in_force_text(kind: Mismatch, settings: Settings, shape: tuple[int, ...]) -
         if settings.background is None:
             return "using no background"
         return f"keeping background {settings.background_name or '(uploaded)'}"
-    if settings.axis is None:
+    if settings.axis is None and settings.axis_poly is None:
         return "using the column index as axis"
     return "keeping the previous energy axis"
 
@@ -266,6 +291,13 @@ class Pipeline:
         # (requested, image shape, settings used) of the last `_settings_for`
         self._resolved: tuple[Settings, tuple[int, ...], Settings] | None = None
         self._refused: dict[str, str] = {}  # kind -> the refusal last published
+        # the operator's view: a pass over the whole frame at most `_view_period` apart
+        self._view_period: float | None = 0.5
+        self._view_bin = 8
+        self._next_view = 0.0
+        self._profiles: deque[np.ndarray] = deque(maxlen=average_n)
+        self._acquisition: tuple[BackgroundAcquisition, AcquisitionEvents] | None = None
+        self._image_dtype: np.dtype | None = None
         self._reset_counters()
 
     # ------------------------------------------------------------------ control API
@@ -315,6 +347,50 @@ class Pipeline:
     def set_average_n(self, n: int) -> None:
         self._average_n = self.checked_average_n(n)
         self._average_settings = None  # the worker starts a new average
+        self._profiles = deque(self._profiles, maxlen=self._average_n)
+
+    @property
+    def image_dtype(self) -> np.dtype | None:
+        """The pixel type of the last frame, None before the first frame."""
+        return self._image_dtype
+
+    def set_view(self, rate_hz: float, image_bin: int) -> None:
+        """The operator's view (row profile and binned image): `rate_hz` passes a second at
+        most (0: none), binned `image_bin` x `image_bin`."""
+        if not 0 <= rate_hz <= 1000 or image_bin < 1:
+            raise ValueError(f"view rate {rate_hz} Hz / bin {image_bin} out of range")
+        self._view_period = 1.0 / rate_hz if rate_hz > 0 else None
+        self._view_bin = int(image_bin)
+        self._next_view = 0.0
+
+    def recent_profiles(self) -> list[np.ndarray]:
+        """The row profiles of the last AVG_N views, oldest first, of the current frame size
+        and background (a change clears them)."""
+        return list(self._profiles)
+
+    @property
+    def acquiring(self) -> bool:
+        return self._acquisition is not None
+
+    def acquire_background(self, acquisition: BackgroundAcquisition,
+                           events: AcquisitionEvents) -> None:
+        """Feed the next raw frames to `acquisition` until it is done (`events.done`), the
+        frame size changes or processing stops (`events.aborted`). ValueError if one runs
+        already or processing is not running."""
+        if not self.running:
+            raise ValueError("processing is not running: a background is averaged from the "
+                             "next frames of the camera (START first)")
+        if self._acquisition is not None:
+            raise ValueError("a background acquisition is running already")
+        self._acquisition = (acquisition, events)
+
+    def cancel_acquisition(self, reason: str) -> bool:
+        """End a running acquisition (`events.aborted(reason)`); False if none ran."""
+        running, self._acquisition = self._acquisition, None
+        if running is None:
+            return False
+        running[1].aborted(reason)
+        return True
 
     def set_input(self, address: str, mode: str | None = None) -> None:
         """Change the input stream; a running pipeline reconnects."""
@@ -348,6 +424,7 @@ class Pipeline:
                 log.error("processing thread did not stop within %.1f s", timeout)
                 return
         self._thread = None
+        self.cancel_acquisition("processing stopped")
         if self._state != State.STOPPED:
             self._set_state(State.STOPPED, "processing stopped")
             self.publisher.publish_statistics(self.statistics())
@@ -559,7 +636,9 @@ class Pipeline:
             if problem is not None:
                 self._bad_frame(frame, *problem)
                 return
-            self._note_shape(image.shape)
+            self._note_shape(image.shape, image.dtype)
+            if self._acquisition is not None:
+                self._feed_acquisition(frame)
             try:
                 result = self._process(image)
             except FrameMismatchError as e:
@@ -586,6 +665,8 @@ class Pipeline:
             self._n_processed += 1
             self._proc_time_ms = (time.perf_counter() - t0) * 1e3
             self.publisher.publish_result(frame, result, average)
+            if self._view_period is not None and time.monotonic() >= self._next_view:
+                self._view(frame, settings, result.roi)
             if self._state != State.PROCESSING and not (
                 self._state == State.ERROR
                 and time.monotonic() - self._last_error_time < self.error_hold
@@ -613,7 +694,39 @@ class Pipeline:
             self._log("pulse_id_jump", logging.WARNING,
                       f"pulse id jumped from {last} to {pulse_id}: not counted as lost frames")
 
-    def _note_shape(self, shape: tuple[int, ...]) -> None:
+    def _feed_acquisition(self, frame: FrameLike) -> None:
+        """One raw frame (the whole image, decoded) into the running acquisition."""
+        running = self._acquisition
+        if running is None:
+            return
+        acquisition, events = running
+        try:
+            percent = acquisition.add(frame.image)
+        except AcquisitionAborted as e:
+            self.cancel_acquisition(str(e))
+            return
+        if acquisition.done:
+            self._acquisition = None
+            events.done(acquisition.result())
+        else:
+            events.progress(percent)
+
+    def _view(self, frame: FrameLike, settings: Settings, rows: tuple[int, int]) -> None:
+        """The operator's view: one pass over the whole frame (decoded in full), a few times
+        a second; its profile kept for ROI_SUGGEST."""
+        self._next_view = time.monotonic() + (self._view_period or 0.0)
+        view = frame_view(frame.image, settings.background, self._view_bin)
+        if (self._profiles and (self._profiles[-1].shape != view.profile.shape
+                                or self._profiles_background is not settings.background)):
+            self._profiles.clear()  # another frame size or background: another profile
+        self._profiles_background = settings.background
+        self._profiles.append(view.profile)
+        self.publisher.publish_view(frame, view, rows)
+
+    _profiles_background: np.ndarray | None = None
+
+    def _note_shape(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self._image_dtype = dtype
         h, w = int(shape[0]), int(shape[1])
         if self._image_shape != (h, w):
             previous = self._image_shape

@@ -97,6 +97,10 @@ _STATISTICS = {
         "channels_seen": {"type": "array", "items": {"type": "string"},
                           "description": "state 'No image channel': image-like channels the "
                                          "stream carries instead"},
+        "background_acquiring": {"type": "boolean",
+                                 "description": "a background acquisition is running"},
+        "background_progress": {"type": "number", "minimum": 0, "maximum": 100,
+                                "description": "of the last background acquisition, %"},
     },
 }
 
@@ -183,6 +187,19 @@ OPENAPI: dict[str, Any] = {
                 "application/x-hdf5": {"schema": {"type": "string", "format": "binary"}},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             }},
+            "responses": _responses(_ok(), _WRITE)}},
+        "/background/acquire": {"post": {
+            "summary": "Average the next frames from the camera into a background",
+            "description": "Averages the next BACKGROUND_N frames (or n), stores them as "
+                           "HDF5 /image in the background directory and loads the file; "
+                           "progress in GET /statistics (background_progress). 409 while one "
+                           "runs or processing is stopped.",
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 10000}}}}}},
+            "responses": _responses(_ok(), (*_WRITE, "409"))}},
+        "/background/cancel": {"post": {
+            "summary": "End a background acquisition (the background in force stays)",
             "responses": _responses(_ok(), _WRITE)}},
         "/parameters": {
             "get": {"summary": "Current settings",

@@ -83,7 +83,8 @@ BINARY_TYPES = ("application/x-npy", "application/x-hdf5", "application/x-hdf",
                 "application/octet-stream")
 # How long a write waits for the control layer (a background file to read, the worker to stop).
 CONTROL_TIMEOUT = 30.0
-ENDPOINTS = ("/start", "/stop", "/status", "/background", "/parameters", "/statistics",
+ENDPOINTS = ("/start", "/stop", "/status", "/background", "/background/acquire",
+             "/background/cancel", "/parameters", "/statistics",
              "/openapi.json")
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
@@ -202,6 +203,8 @@ class Controller:
             # a wrong channel says so here too: the one expected, the image-like ones seen
             "image_channel": self.ioc.config.channel,
             "channels_seen": list(fault.channels_seen) if fault is not None else [],
+            "background_acquiring": pipeline.acquiring,
+            "background_progress": float(self.ioc.rec(pvs.BACKGROUND_PROGRESS).get()),
         }
 
     # ---------------------------------------------------------------- writes
@@ -217,6 +220,21 @@ class Controller:
         except TimeoutError:
             raise RequestError(f"the IOC did not finish within {CONTROL_TIMEOUT:g} s",
                                504) from None
+
+    def acquisition(self) -> dict[str, Any]:
+        return {"running": self.control.pipeline.acquiring,
+                "n": int(self.ioc.rec(pvs.BACKGROUND_N).get()),
+                "progress": float(self.ioc.rec(pvs.BACKGROUND_PROGRESS).get())}
+
+    async def acquire_background(self, n: int | None) -> None:
+        if self.control.pipeline.acquiring:
+            raise RequestError("a background acquisition is running: POST /background/cancel "
+                               "ends it", 409)
+        await self._call(self.control.start_background_acquisition, n, status=409)
+
+    async def cancel_acquisition(self) -> bool:
+        return bool(await self._call(self.control.cancel_background_acquisition,
+                                     "cancelled over REST"))
 
     async def start(self) -> None:
         await self._call(self.control.start, status=409)
@@ -334,6 +352,8 @@ class RestApi:
             web.post("/stop", self.stop),
             web.get("/status", self.status),
             web.post("/background", self.background),
+            web.post("/background/acquire", self.acquire_background),
+            web.post("/background/cancel", self.cancel_acquisition),
             web.get("/parameters", self.get_parameters),
             web.post("/parameters", self.set_parameters),
             web.get("/statistics", self.statistics),
@@ -424,6 +444,27 @@ class RestApi:
         return value
 
     # ---------------------------------------------------------------- endpoints
+    async def acquire_background(self, request: web.Request) -> web.Response:
+        """Average the next BACKGROUND_N frames (or ``{"n": N}``) into a background, stored
+        and loaded when done (progress: GET /statistics ``background_progress``)."""
+        body = await self._body(request, MAX_PARAMETERS_BYTES)
+        n = None
+        if body.strip():
+            value = parse_json_body(body)
+            if not isinstance(value, dict) or set(value) - {"n"}:
+                raise RequestError('acquire takes an optional JSON object {"n": frames}')
+            if "n" in value:
+                n = self.c.check_scalar(pvs.BACKGROUND_N, value["n"], int)
+        async with self.c.write_lock:
+            await self.c.acquire_background(n)
+        return reply(self.c.status(), acquisition=self.c.acquisition())
+
+    async def cancel_acquisition(self, request: web.Request) -> web.Response:
+        async with self.c.write_lock:
+            cancelled = await self.c.cancel_acquisition()
+        return reply(self.c.status(), acquisition={**self.c.acquisition(),
+                                                   "cancelled": cancelled})
+
     async def start(self, request: web.Request) -> web.Response:
         async with self.c.write_lock:
             await self.c.start()

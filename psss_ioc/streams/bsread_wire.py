@@ -693,19 +693,6 @@ class MessageWriter:
         return parts
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelValue:
-    value: np.ndarray | str | None
-    timestamp: tuple[int, int] | None
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    pulse_id: int
-    timestamp: tuple[int, int] | None
-    channels: dict[str, ChannelValue]
-
-
 class MessageReader:
     """Splits and decodes messages; data headers are cached by their (opaque) hash."""
 
@@ -745,14 +732,3 @@ class MessageReader:
                 f"(expected {2 + 2 * len(header.channels)})",
             )
         return main, header
-
-    def decode(self, parts: Sequence[Buffer]) -> Message:
-        """Decode every channel of a message (raises WireError on the first bad one)."""
-        main, header = self.split(parts)
-        channels = {}
-        for i, spec in enumerate(header.channels):
-            raw, raw_ts = parts[2 + 2 * i], parts[3 + 2 * i]
-            channels[spec.name] = ChannelValue(
-                decode_value(spec, raw), decode_timestamp(raw_ts, spec.encoding)
-            )
-        return Message(main.pulse_id, main.timestamp, channels)

@@ -38,6 +38,7 @@ SPECTRUM_SUFFIX = ".spectrum"
 CENTER_SUFFIX = ".center"
 FWHM_SUFFIX = ".fwhm"
 PARAMETERS_SUFFIX = ".processing_parameters"
+SATURATED_SUFFIX = ".n_saturated"  # not in 1.8's names: those keep 1.8's channel set
 # ... and as psss_processing 1.8.0 sent them: after the PVs, under the prefix (downstream
 # consumers, e.g. the data store's channel configuration, use these).
 V18_SPECTRUM = "SPECTRUM_Y"
@@ -50,7 +51,7 @@ V18_PARAMETERS = "processing_parameters"
 @dataclass(frozen=True)
 class OutputChannels:
     """The channel names of the output stream. `axis` (the energy axis per message) only in
-    1.8's naming."""
+    1.8's naming, `saturated` only in the document's."""
 
     image: str
     spectrum: str
@@ -58,6 +59,7 @@ class OutputChannels:
     fwhm: str
     parameters: str
     axis: str | None = None
+    saturated: str | None = None  # the ROI's saturated pixels (int64)
 
     @classmethod
     def for_image(cls, image_channel: str) -> OutputChannels:
@@ -68,6 +70,7 @@ class OutputChannels:
             center=image_channel + CENTER_SUFFIX,
             fwhm=image_channel + FWHM_SUFFIX,
             parameters=image_channel + PARAMETERS_SUFFIX,
+            saturated=image_channel + SATURATED_SUFFIX,
         )
 
     @classmethod

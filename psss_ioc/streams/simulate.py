@@ -6,6 +6,23 @@ centre and width jitter shot to shot, modulated by random spikes, with Poisson n
 signal and Gaussian read noise. `noise=0` and `spikes=False` give noiseless frames whose
 spectrum is exactly the envelope, so its fitted centre is the true centre.
 
+Dark frames (``--dark``, `SimConfig.dark`): the camera with the beam off, for taking a
+background: the dark pedestal plus the read noise (``3 * noise`` counts, Gaussian), rounded and
+clipped to the dtype like any frame, and no band. Pool frame k is
+``clip(rint(background + read_noise_k))``: over whole cycles of the pool their mean is the
+pool's mean (what a background taken from them averages to), which tends to the dark frame
+(`SimulatedCamera.background`) as ``3 * noise / sqrt(pool)``; with ``noise=0`` every dark frame
+is the dark frame. Their truth has no centre or FWHM (null) and says ``"dark": true``.
+
+Saturation (``--saturate N``, `SimConfig.saturate`): N pixels of each frame set to the top of
+the dtype (65535 for uint16, the integer maximum for the other integer types, 65535.0 for
+float frames, a 16-bit camera's top), at N distinct positions inside the band rows
+``[y0, y1)`` drawn uniformly per pool frame from the seeded generator ``[seed, 2, k]`` (pool
+frame k): reproducible for a seed, different from frame to frame, independent of the rest of
+the content (the other pixels are those of the frame without ``--saturate``). A frame then has
+N pixels at the top, or more where its content already reaches it (not with the default
+`peak`); its truth says how many (``"saturated"``, over the whole frame).
+
 Truth (`Truth`, ``--truth FILE.jsonl``): per pulse the envelope's centre and FWHM in column
 units (pixels along x, column index 0 = first column) and the signal band rows ``[y0, y1)``;
 with an energy axis also in eV. The background file (``--write-background FILE.h5``) is the
@@ -30,7 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,6 +77,8 @@ class SimConfig:
     peak: float = 1000.0  # signal counts per pixel at the envelope peak, band centre
     band: tuple[float, float] = (0.45, 0.55)  # signal rows as fractions of the height
     energy_axis: tuple[float, float] | None = None  # eV at the first and last column
+    dark: bool = False  # beam off: pedestal and read noise only, no band
+    saturate: int = 0  # pixels per frame at the dtype's top, inside the band rows
 
     def __post_init__(self) -> None:
         if self.height < 2 or self.width < 8:
@@ -68,19 +87,27 @@ class SimConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
         if self.pool < 1 or self.noise < 0:
             raise ValueError("pool must be >= 1 and noise >= 0")
+        if self.saturate < 0:
+            raise ValueError("saturate must be >= 0 pixels")
 
 
 @dataclass(frozen=True)
 class Truth:
-    center: float  # envelope centre, columns
-    fwhm: float  # envelope FWHM, columns
-    band: tuple[int, int]  # signal rows [y0, y1)
+    center: float  # envelope centre, columns (NaN for a dark frame)
+    fwhm: float  # envelope FWHM, columns (NaN for a dark frame)
+    band: tuple[int, int]  # signal rows [y0, y1) (where they would be for a dark frame)
+    dark: bool = False
+    saturated: int | None = None  # pixels at the dtype's top (counted with --saturate only)
 
     def to_json(self, pulse_id: int, energy_axis: tuple[float, float] | None,
                 width: int) -> dict[str, Any]:
         out: dict[str, Any] = {"pulse_id": pulse_id, "center": self.center, "fwhm": self.fwhm,
                                "band": list(self.band)}
-        if energy_axis is not None:
+        if self.dark:
+            out.update(center=None, fwhm=None, dark=True)
+        if self.saturated is not None:
+            out["saturated"] = self.saturated
+        if energy_axis is not None and not self.dark:
             step = (energy_axis[1] - energy_axis[0]) / (width - 1)
             out["center_ev"] = energy_axis[0] + self.center * step
             out["fwhm_ev"] = self.fwhm * abs(step)
@@ -94,11 +121,24 @@ class SimulatedCamera:
         self.config = config
         y0 = int(config.height * config.band[0])
         self.band = (y0, max(int(config.height * config.band[1]), y0 + 2))
+        band_pixels = (self.band[1] - self.band[0]) * config.width
+        if config.saturate > band_pixels:
+            raise ValueError(f"saturate {config.saturate} is more than the band's "
+                             f"{band_pixels} pixels")
         self.background = self._pedestal(np.random.default_rng([config.seed, 0]))
         rng = np.random.default_rng([config.seed, 1])
-        pairs = [self._frame(rng) for _ in range(config.pool)]
+        pairs = [self._dark_frame(rng) if config.dark else self._frame(rng)
+                 for _ in range(config.pool)]
+        if config.saturate:
+            pairs = [self._saturated(k, image, truth) for k, (image, truth) in enumerate(pairs)]
         self.images = [image for image, _ in pairs]
         self.truths = [truth for _, truth in pairs]
+
+    @property
+    def top(self) -> int | float:
+        """The value of a saturated pixel: the dtype's top (65535.0 for float frames)."""
+        dtype = np.dtype(self.config.dtype)
+        return 65535.0 if dtype.kind == "f" else int(np.iinfo(dtype).max)
 
     def _to_dtype(self, values: np.ndarray) -> np.ndarray:
         dtype = np.dtype(self.config.dtype)
@@ -144,6 +184,24 @@ class SimulatedCamera:
             image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(3 * c.noise)
         image[y0:y1] += signal.astype(np.float32)
         return self._to_dtype(image), Truth(center, fwhm, (y0, y1))
+
+    def _dark_frame(self, rng: np.random.Generator) -> tuple[np.ndarray, Truth]:
+        """Beam off: the pedestal and the read noise, no band."""
+        image = self.background.astype(np.float32)
+        if self.config.noise > 0:
+            image += (rng.standard_normal(image.shape, dtype=np.float32)
+                      * np.float32(3 * self.config.noise))
+        return self._to_dtype(image), Truth(math.nan, math.nan, self.band, dark=True)
+
+    def _saturated(self, k: int, image: np.ndarray, truth: Truth) -> tuple[np.ndarray, Truth]:
+        """Pool frame k with `saturate` distinct pixels of the band rows at the top."""
+        y0, y1 = self.band
+        width = self.config.width
+        rng = np.random.default_rng([self.config.seed, 2, k])
+        flat = rng.choice((y1 - y0) * width, size=self.config.saturate, replace=False)
+        rows, columns = np.divmod(flat, width)
+        image[y0 + rows, columns] = self.top
+        return image, replace(truth, saturated=int(np.count_nonzero(image >= self.top)))
 
     def write_background(self, path: str | Path) -> Path:
         return background.save(path, self.background)
@@ -399,6 +457,13 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 @click.option("--queue-size", type=int, default=10, show_default=True)
 @click.option("--drop-when-full", is_flag=True,
               help="PUSH: drop frames when the consumer is slow instead of waiting.")
+@click.option("--dark", is_flag=True,
+              help="Dark frames: the camera's pedestal and read noise only, no band (beam off, "
+                   "for taking a background).")
+@click.option("--saturate", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="N",
+              help="Set N pixels per frame, inside the band rows, to the top of the dtype "
+                   "(65535 for uint16) at positions seeded by --seed.")
 @click.option("--write-background", "background_file", type=click.Path(dir_okay=False),
               default=None, help="Write the dark frame (HDF5 /image) to FILE.h5.")
 @click.option("--truth", "truth_file", type=click.Path(dir_okay=False), default=None,
@@ -406,15 +471,19 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def simulate(port: int, host: str, mode: str, rate: float, count: int | None, seed: int,
              height: int, width: int, dtype: str, compression: str, prefix: str, noise: float,
              spikes: bool, pool: int, energy_axis: tuple[float, float] | None,
-             start_pulse_id: int, queue_size: int, drop_when_full: bool,
-             background_file: str | None, truth_file: str | None) -> None:
+             start_pulse_id: int, queue_size: int, drop_when_full: bool, dark: bool,
+             saturate: int, background_file: str | None, truth_file: str | None) -> None:
     """Stream simulated PSSS camera frames (<prefix>:FPICTURE) over bsread."""
-    config = SimConfig(height=height, width=width, dtype=dtype, seed=seed, noise=noise,
-                       spikes=spikes, pool=pool, energy_axis=energy_axis)
-    sim = Simulator(config, port=port, mode=mode.upper(), host=host, rate=rate,
-                    compression=None if compression == "none" else compression, prefix=prefix,
-                    start_pulse_id=start_pulse_id, queue_size=queue_size,
-                    drop_when_full=drop_when_full)
+    try:
+        config = SimConfig(height=height, width=width, dtype=dtype, seed=seed, noise=noise,
+                           spikes=spikes, pool=pool, energy_axis=energy_axis, dark=dark,
+                           saturate=saturate)
+        sim = Simulator(config, port=port, mode=mode.upper(), host=host, rate=rate,
+                        compression=None if compression == "none" else compression,
+                        prefix=prefix, start_pulse_id=start_pulse_id, queue_size=queue_size,
+                        drop_when_full=drop_when_full)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
     if background_file:
         sim.camera.write_background(background_file)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -422,8 +491,10 @@ def simulate(port: int, host: str, mode: str, rate: float, count: int | None, se
     # without a terminal): SimulatorProcess.stop() and Ctrl-C must still stop it.
     signal.signal(signal.SIGINT, _raise_interrupt)
     sim.open()
+    content = ("dark frames" if dark else "frames") + (
+        f", {saturate} pixels saturated" if saturate else "")
     click.echo(f"streaming {image_channel_for(prefix)} {height} x {width} {dtype} "
-               f"({compression}) on {sim.endpoint} ({mode.upper()})")
+               f"({compression}) on {sim.endpoint} ({mode.upper()}): {content}")
     sys.stdout.flush()
     linger = 5.0
     truth = open(truth_file, "w") if truth_file else None  # noqa: SIM115 (closed below)

@@ -851,6 +851,10 @@ class ResultSender:
             _fit_value(result, "fwhm"),
             json.dumps(self._parameters(parameters), default=str),
         ]
+        if names.saturated is not None:
+            specs.append(wire.ChannelSpec(names.saturated, "int64"))
+            saturated = getattr(result, "n_saturated", None) if spectrum is not None else None
+            values.append(None if saturated is None else int(saturated))
         writer = self._writer("results", tuple(specs))
         return writer.encode(frame.pulse_id, frame.timestamp, writer.encode_values(values))
 
