@@ -117,6 +117,12 @@ class FakeView:
     def message(self, text: str, error: bool = False) -> None:
         self.messages.append((text, error))
 
+    def show_reading(self, pv, value) -> None:
+        self.values[pv.name] = value
+
+    def show_units(self, unit: str) -> None:
+        self.values["units"] = unit
+
 
 def _control(tmp_path, shape=(100, 64)):
     from psss_ioc.ioc.control import Control

@@ -119,7 +119,9 @@ def test_frame_chain_links_every_result_record_once_in_order(
         assert "DTYP" not in fields, pv.name  # plain soft record: no Python per frame
     assert "FLNK" not in records[f"$(P):{chain[-1].name}"][1]
     assert chain[-1] == pvs.SPECTRUM_Y  # last: its post triggers the PVA group snapshot
-    assert set(chain) == {pv for pv in pvs.TABLE if pv.timestamped} - {pvs.SPECTRUM_AXIS}
+    # (the axis and the view are stamped with their frame too, but written on their own)
+    assert set(chain) == {pv for pv in pvs.TABLE if pv.timestamped} - {
+        pvs.SPECTRUM_AXIS, pvs.PROFILE_X, pvs.PROFILE_Y, pvs.IMAGE}
     stats = pvs.STATS_CHAIN
     for pv, next_pv in itertools.pairwise(stats):
         assert records[f"$(P):{pv.name}"][1]["FLNK"] == f"$(P):{next_pv.name}"

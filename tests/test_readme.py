@@ -86,6 +86,13 @@ GUIDE_CLIENTS = (  # in README order
     f"caput {GUIDE_PREFIX}:SPC_ROI_YMIN 900",
     f"caput {GUIDE_PREFIX}:SPC_ROI_YMAX 1100",
     f"caget {GUIDE_PREFIX}:ROI_YMIN_RBV {GUIDE_PREFIX}:ROI_YMAX_RBV {GUIDE_PREFIX}:ROI_STATUS",
+    f"caput {GUIDE_PREFIX}:ROI_SUGGEST 1",
+    f"caput {GUIDE_PREFIX}:AXIS_C0 9050",
+    f"caput {GUIDE_PREFIX}:AXIS_C1 0.035",
+    f"caput {GUIDE_PREFIX}:AXIS_MODE 1",
+    f"caput {GUIDE_PREFIX}:BACKGROUND_N 100",
+    f"caput {GUIDE_PREFIX}:BACKGROUND_ACQUIRE 1",
+    f"caget {GUIDE_PREFIX}:BACKGROUND_PROGRESS",
     f"caput {GUIDE_PREFIX}:STOP 1",
     f"caput -S {GUIDE_PREFIX}:BACKGROUND_FILE {SITE_BACKGROUNDS}/dark.h5",
     f"caput {GUIDE_PREFIX}:START 1",
@@ -465,7 +472,8 @@ def test_user_guide_on_a_live_ioc(guide: Guide) -> None:
         assert command in GUIDE_CLIENTS
         return sh(guide.live(command), guide.workdir, env)
 
-    status, message, input_stream, ymin, ymax, roi, stop, load, start_, loaded = GUIDE_CLIENTS
+    (status, message, input_stream, ymin, ymax, roi, suggest, c0, c1, axis_mode, n_frames,
+     acquire, progress, stop, load, start_, loaded) = GUIDE_CLIENTS
     assert run(status).split()[:6] == [f"{GUIDE_PREFIX}:STATUS", "Processing",
                                        f"{GUIDE_PREFIX}:IMAGE_HEIGHT", "2016",
                                        f"{GUIDE_PREFIX}:IMAGE_WIDTH", "256"]
@@ -480,7 +488,28 @@ def test_user_guide_on_a_live_ioc(guide: Guide) -> None:
                10, what="ROI [900, 1100) in force")
     assert run(roi).split()[1::2] == ["900", "1100", "OK"]
 
-    # the background: stop, record dark frames from the camera, load, start
+    # the ROI around the band the simulated camera puts on rows [907, 1108)
+    run(suggest)
+    rows = wait_until(lambda: (int(ioc.get(pvs.ROI_YMIN_RBV)), int(ioc.get(pvs.ROI_YMAX_RBV)))
+                      if ioc.get(pvs.ROI_YMIN_RBV) != "900" else None, 10, what="suggested")
+    assert rows[0] < 1000 < 1016 < rows[1] and rows[1] - rows[0] < 600, rows
+
+    # the energy axis from a polynomial
+    for command in (c0, c1, axis_mode):
+        run(command)
+    wait_until(lambda: "E = 9050 + 0.035 x" in ioc.get(pvs.MESSAGE, "-S"), 10, what="axis")
+    assert caget(ioc.name(pvs.SPECTRUM_CENTER) + ".EGU") == "eV"
+    ioc.put(pvs.AXIS_MODE, 0)
+
+    # a background from the camera (its frames have the band: only the commands are tried)
+    run(n_frames)
+    run(acquire)
+    float(run(progress).split()[-1])
+    wait_until(lambda: "acquired_background" in ioc.get(pvs.BACKGROUND_FILE, "-S"), 30,
+               what="an acquired background")
+    assert ioc.get(pvs.BACKGROUND_STATUS) == "Loaded"
+
+    # the background by hand: stop, record dark frames from the camera, load, start
     run(stop)
     wait_until(lambda: ioc.get(pvs.STATUS) == "Stopped", 20, what="stopped")
     recorder = python_block("Source(")

@@ -451,5 +451,6 @@ def test_openapi_document(address: str) -> None:
     doc = response.json()
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {"/start", "/stop", "/status", "/background", "/parameters",
-                                 "/statistics", "/openapi.json"}
+                                 "/statistics", "/openapi.json", "/background/acquire",
+                                 "/background/cancel"}
     assert set(doc["paths"]["/parameters"]) == {"get", "post"}

@@ -579,27 +579,13 @@ def _start_values(  # type: ignore[no-untyped-def]
     noise from biasing the moments, and the moments of the whole spectrum (not of its highest
     bin) describe a SASE spectrum's envelope rather than its tallest spike.
     """
-    threshold = baseline + 2.0 * noise
-    total = 0.0
-    first = 0.0
-    for i in range(y.shape[0]):
-        w = max(y[i] - threshold, 0.0)
-        total += w
-        first += w * x[i]
-    if total <= 0.0:  # cannot happen past the signal gate; keep the fit defined anyway
-        threshold = baseline
+    center, rms = _moments(x, y, baseline + 2.0 * noise)
+    if math.isnan(center):  # cannot happen past the signal gate; keep the fit defined anyway
         center = x[np.argmax(y)]
-        second = min_spacing * min_spacing
-    else:
-        center = first / total
-        second = 0.0
-        for i in range(y.shape[0]):
-            w = max(y[i] - threshold, 0.0)
-            second += w * (x[i] - center) ** 2
-        second /= total
+        rms = min_spacing
     p[0] = y.max() - baseline
     p[1] = center
-    p[2] = max(math.sqrt(second), min_spacing)
+    p[2] = max(rms, min_spacing)
     p[3] = baseline
 
 

@@ -25,7 +25,9 @@ from psss_ioc.ioc import pvs
 from psss_ioc.ioc.parameters import LegacyParameters, parse_extra
 from psss_ioc.ioc.pvs import BackgroundState, SettingState
 from psss_ioc.pipeline.acquire import BackgroundAcquisition
-from psss_ioc.pipeline.worker import Pipeline
+from psss_ioc.pipeline.source import SourceFault
+from psss_ioc.pipeline.state import State
+from psss_ioc.pipeline.worker import Pipeline, Statistics
 from psss_ioc.streams.channels import parse_address
 
 log = logging.getLogger(__name__)
@@ -214,6 +216,22 @@ class Control:
     @property
     def image_shape(self) -> tuple[int, int] | None:
         return self.pipeline.image_shape
+
+    @property
+    def state(self) -> State:
+        return self.pipeline.state
+
+    @property
+    def fault(self) -> SourceFault | None:
+        return self.pipeline.fault
+
+    @property
+    def acquiring(self) -> bool:
+        """A background acquisition runs."""
+        return self.pipeline.acquiring
+
+    def statistics(self) -> Statistics:
+        return self.pipeline.statistics()
 
     def legacy_parameters(self) -> dict[str, Any]:
         """GET /parameters: the same view as the output stream's processing_parameters."""

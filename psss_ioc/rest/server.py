@@ -159,7 +159,7 @@ class Controller:
 
     # ---------------------------------------------------------------- reads
     def status(self) -> str:
-        return "stopped" if self.control.pipeline.state == State.STOPPED else "processing"
+        return "stopped" if self.control.state == State.STOPPED else "processing"
 
     def message(self) -> str:
         return str(self.ioc.rec(pvs.MESSAGE).get())
@@ -170,10 +170,10 @@ class Controller:
         return self.control.legacy_parameters()
 
     def statistics(self) -> dict[str, Any]:
-        pipeline = self.control.pipeline
-        stats = pipeline.statistics()
-        shape = pipeline.image_shape
-        fault = pipeline.fault
+        control = self.control
+        stats = control.statistics()
+        shape = control.image_shape
+        fault = control.fault
         # The last message sent, pulse id and time together: the output stream's, else (no
         # stream) the last frame processed, whose results went to the records.
         sender = getattr(getattr(self.ioc, "sender", None), "counters", None)
@@ -203,7 +203,7 @@ class Controller:
             # a wrong channel says so here too: the one expected, the image-like ones seen
             "image_channel": self.ioc.config.channel,
             "channels_seen": list(fault.channels_seen) if fault is not None else [],
-            "background_acquiring": pipeline.acquiring,
+            "background_acquiring": control.acquiring,
             "background_progress": float(self.ioc.rec(pvs.BACKGROUND_PROGRESS).get()),
         }
 
@@ -222,12 +222,12 @@ class Controller:
                                504) from None
 
     def acquisition(self) -> dict[str, Any]:
-        return {"running": self.control.pipeline.acquiring,
+        return {"running": self.control.acquiring,
                 "n": int(self.ioc.rec(pvs.BACKGROUND_N).get()),
                 "progress": float(self.ioc.rec(pvs.BACKGROUND_PROGRESS).get())}
 
     async def acquire_background(self, n: int | None) -> None:
-        if self.control.pipeline.acquiring:
+        if self.control.acquiring:
             raise RequestError("a background acquisition is running: POST /background/cancel "
                                "ends it", 409)
         await self._call(self.control.start_background_acquisition, n, status=409)
