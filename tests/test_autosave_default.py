@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from iochelpers import EPICS_ENV, LEGACY, IocProcess, wait_until
+from iochelpers import EPICS_ENV, LEGACY, IocProcess, caget, wait_until
 
 from psss_ioc.core import background
 from psss_ioc.ioc import pvs
@@ -92,6 +92,37 @@ def test_settings_changed_over_ca_and_rest_come_back_after_sigterm(
         assert ioc.stop() == 0, ioc.log()
     assert f"settings restored from {saved_in / (prefix + '.softsav')}" in \
         ioc.log_path.read_text()
+
+
+VIEW_SETTINGS = ((pvs.IMAGE_BIN, "4"), (pvs.IMAGE_RATE, "5"), (pvs.SATURATION_LEVEL, "60000"),
+                 (pvs.BACKGROUND_N, "250"), (pvs.AXIS_C0, "9000"), (pvs.AXIS_C1, "0.5"),
+                 (pvs.AXIS_C2, "-0.0001"), (pvs.AXIS_MODE, "Polynomial"))
+
+
+def test_the_operators_view_and_axis_settings_come_back_after_sigterm(tmp_path: Path) -> None:
+    """The settings of the operator's view and of the axis polynomial are autosaved and
+    restored through the control layer: the axis mode after its coefficients, so the
+    polynomial is in force (EGU eV) after the restart."""
+    prefix, state, port = "TST-PSSS-ASV", tmp_path / "state", free_port()
+    ioc = _start("run", prefix, port, state, tmp_path / "ioc1.log")
+    try:
+        for pv, value in VIEW_SETTINGS:
+            put = ioc.put(pv, 1 if pv == pvs.AXIS_MODE else value)
+            assert put.returncode == 0, put.stderr
+        assert ioc.get(pvs.AXIS_MODE) == "Polynomial"
+    finally:
+        assert ioc.stop() == 0, ioc.log()
+    ioc = _start("run", prefix, port, state, tmp_path / "ioc2.log")
+    try:
+        wait_until(lambda: ioc.get(pvs.AXIS_MODE) == "Polynomial", 20, what="restored mode")
+        for pv, value in VIEW_SETTINGS:
+            shown = ioc.get(pv)
+            assert shown == value or float(shown) == pytest.approx(float(value)), (pv, shown)
+        wait_until(lambda: caget(ioc.name(pvs.SPECTRUM_CENTER) + ".EGU") == "eV", 10,
+                   what="energy units")
+        assert "Traceback" not in ioc.log_path.read_text(errors="replace")
+    finally:
+        assert ioc.stop() == 0, ioc.log()
 
 
 def test_no_autosave_saves_nothing(tmp_path: Path) -> None:
