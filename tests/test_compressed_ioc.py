@@ -31,11 +31,8 @@ def memory_mb(ioc: IocProcess, field: str) -> float:
 
 @pytest.fixture
 def camera() -> Iterator[Camera]:
-    cam = Camera()
-    try:
+    with Camera() as cam:
         yield cam
-    finally:
-        cam.close()
 
 
 def send(camera: Camera, image: np.ndarray, compression: str | None, count: int) -> None:

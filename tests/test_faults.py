@@ -123,6 +123,12 @@ class Camera:
         self.sock.close(0)
         self.context.term()
 
+    def __enter__(self) -> Camera:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @dataclass
 class Counters:

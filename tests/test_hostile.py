@@ -29,11 +29,8 @@ PREFIX = "TST-PSSS-HX"
 
 @pytest.fixture
 def camera() -> Iterator[Camera]:
-    cam = Camera()
-    try:
+    with Camera() as cam:
         yield cam
-    finally:
-        cam.close()
 
 
 def start_ioc(tmp_path: Path, camera: Camera | None = None, *extra: str,

@@ -29,9 +29,7 @@ from psss_ioc.ioc import pvs
 from psss_ioc.ioc.pvs import State
 from psss_ioc.pipeline.worker import BAD_IMAGE, MISSING_CHANNEL, Pipeline, SourceFault
 from psss_ioc.processes import free_port
-from psss_ioc.streams import bsread_wire as wire
 from psss_ioc.streams.simulate import SimulatorProcess
-from psss_ioc.streams.stream import CameraSource
 
 WAIT = 0.3  # the rigs' wait_timeout
 
@@ -244,45 +242,7 @@ def test_a_missing_channel_now_and_then_leaves_a_good_stream_processing(frig: Fa
         thread.join(5)
 
 
-# ------------------------------------------------------------------------------ the stream
-def _message(pulse_id: int, specs: list[wire.ChannelSpec], values: list[Any]) -> list[bytes]:
-    writer = wire.MessageWriter(specs)
-    parts = writer.encode(pulse_id, (1_700_000_000, 0), writer.encode_values(values))
-    return [bytes(p) for p in parts]
-
-
-def test_camera_source_tells_which_image_like_channels_a_message_has() -> None:
-    image = np.arange(24, dtype=np.uint16).reshape(4, 6)
-    specs = [
-        wire.ChannelSpec.for_array("OTHER-CAM:FPICTURE", image),
-        wire.ChannelSpec("OTHER-CAM:SCALAR", "float64"),
-        wire.ChannelSpec.for_array("OTHER-CAM:ROI_PROFILE", image[0]),  # 1-D: not an image
-        wire.ChannelSpec.for_array("SOME:FRAME", image.astype(np.float32)),  # 2-D numeric
-    ]
-    source = CameraSource("tcp://127.0.0.1:1", image_channel="MY-CAM:FPICTURE")
-    assert source.fault() is None
-    before = time.monotonic()
-    for pulse_id in (1, 2, 3):
-        assert source.decode(_message(pulse_id, specs, [image, 1.0, image[0],
-                                                        image.astype(np.float32)])) is None
-    c = source.counters
-    assert c.missing_channel == 3
-    assert c.missing_channel_seen == ("OTHER-CAM:FPICTURE", "SOME:FRAME")
-    assert c.missing_channel_n_channels == 4
-    assert c.missing_channel_time is not None and c.missing_channel_time >= before
-    assert all(isinstance(v, int) for v in source.errors().values())  # the counters stay counters
-    fault = source.fault()
-    assert fault == SourceFault(MISSING_CHANNEL, c.missing_channel_time,
-                                channel="MY-CAM:FPICTURE",
-                                channels_seen=("OTHER-CAM:FPICTURE", "SOME:FRAME"), n_channels=4)
-
-    # the image channel there, but of a type no image can be made of: the latest one wins
-    spec = wire.ChannelSpec("MY-CAM:FPICTURE", "string", None)
-    assert source.decode(_message(4, [spec], ["not an image"])) is None
-    assert c.malformed[wire.UNKNOWN_TYPE] == 1
-    fault = source.fault()
-    assert fault is not None and fault.kind == BAD_IMAGE
-    assert "'string'" in fault.reason and "MY-CAM:FPICTURE" in fault.reason
+# (the stream's own part, CameraSource.fault(): tests/test_stream_malformed.py)
 
 
 # ------------------------------------------------------------------------------ command lines

@@ -139,8 +139,12 @@ def test_fault_is_the_latest_missing_channel_or_unusable_image() -> None:
     for pulse_id in (1, 2, 3):
         assert source.decode(writer.encode(pulse_id, TS, values)) is None
     c = source.counters
+    assert c.missing_channel == 3
+    assert c.missing_channel_seen == ("OTHER-CAM:FPICTURE", "SOME:FRAME")
+    assert c.missing_channel_n_channels == 4
     assert c.missing_channel_time is not None and c.missing_channel_time >= before
     assert source.errors() == {"missing_channel": 3}
+    assert all(isinstance(v, int) for v in source.errors().values())  # the counters stay counters
     assert source.fault() == SourceFault(MISSING_CHANNEL, c.missing_channel_time,
                                          channel="MY-CAM:FPICTURE",
                                          channels_seen=("OTHER-CAM:FPICTURE", "SOME:FRAME"),
@@ -150,6 +154,7 @@ def test_fault_is_the_latest_missing_channel_or_unusable_image() -> None:
     text = wire.MessageWriter([wire.ChannelSpec("MY-CAM:FPICTURE", "string", None)])
     assert source.decode(text.encode(4, TS, text.encode_values(["not an image"]))) is None
     assert source.errors() == {"missing_channel": 3, "malformed_unknown_type": 1}
+    assert c.malformed[wire.UNKNOWN_TYPE] == 1
     fault = source.fault()
     assert fault is not None and fault.kind == BAD_IMAGE and fault.time == c.bad_image_time
     assert fault.channel == "MY-CAM:FPICTURE"

@@ -309,14 +309,8 @@ def write_database(path: Path, prefix: str = "$(P)") -> None:
     builder.WriteRecords(str(path))
 
 
-# Results in the axis' unit: their EGU follows it (`PsssIoc.show_units`)
-ENERGY_RESULTS = (pvs.SPECTRUM_AXIS, pvs.SPECTRUM_CENTER, pvs.SPECTRUM_FWHM, pvs.SPECTRUM_COM,
-                  pvs.SPECTRUM_STD, pvs.SPECTRUM_AVG_CENTER, pvs.SPECTRUM_AVG_FWHM)
-
-# Setting records whose on_update runs for a put of the value they hold (a file name put again
-# loads the file again)
-_ALWAYS_UPDATE = frozenset({pvs.BACKGROUND_FILE.name})
-
+# Results in the axis' unit (eV in the PV table): their EGU follows it (`PsssIoc.show_units`)
+ENERGY_RESULTS = tuple(pv for pv in pvs.TABLE if pv.egu == "eV" and not pv.writable)
 
 def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
@@ -394,7 +388,7 @@ class RecordPublisher:
             pvs.SPECTRUM_STD.name: fit.rms,
             pvs.FIT_CHI2.name: fit.chi2_reduced,
             pvs.FIT_STATUS.name: int(fit.status),
-            pvs.N_SATURATED.name: int(getattr(result, "n_saturated", 0)),
+            pvs.N_SATURATED.name: result.n_saturated,
             pvs.SPECTRUM_FIT.name: curve if curve is not None else _EMPTY,
             pvs.SPECTRUM_Y.name: result.spectrum,
             # not averaging: the average records show no value rather than repeat an old one
@@ -506,7 +500,6 @@ class PsssIoc:
         self.control = Control(self.pipeline, self, config.allowed_background_dirs,
                                self.parameters, default_background_dir(config))
         self._alarmed: set[str] = set()  # setting records shown in alarm (show_value)
-        self._echo: dict[str, Any] = {}  # values show_value wrote to _ALWAYS_UPDATE records
 
     # -------------------------------------------------------------- building
     def build(self) -> None:
@@ -566,17 +559,15 @@ class PsssIoc:
         record = self.rec(pv)
         severity = alarm.MAJOR_ALARM if alarmed else alarm.NO_ALARM
         status = alarm.STATE_ALARM if alarmed else alarm.NO_ALARM
-        changed = not _same_value(record.get(), value)  # written by REST, restore, ...
-        if not (changed or alarmed or pv.name in self._alarmed):
-            return  # (a put's own value: the record shows it already)
-        if changed:
+        if not _same_value(record.get(), value):  # written by REST, restore, ...
+            # without processing (no callbacks run again), then its monitors told
             record.set(value, process=False, severity=severity, alarm=status)
-        if pv.name in _ALWAYS_UPDATE:  # its processing calls on_update: tell it apart
-            self._echo[pv.name] = value
-        # set_alarm processes the record (an output record's set_alarm is a put of its own
-        # value: no on_update unless always_update), so monitors see the value and alarm
-        record.set_alarm(severity, status)
-        (self._alarmed.add if alarmed else self._alarmed.discard)(pv.name)
+            post_value(pvs.full_name(self.config.prefix, pv))
+        if alarmed or pv.name in self._alarmed:
+            # the alarm needs processing: set_alarm puts the record's own value (no on_update:
+            # only the ROI limits are ever alarmed, and they run it for new values only)
+            record.set_alarm(severity, status)
+            (self._alarmed.add if alarmed else self._alarmed.discard)(pv.name)
 
     def show_status(self, pv: PV, state: int) -> None:
         self.rec(pv).set(state)
@@ -657,8 +648,6 @@ class PsssIoc:
             await asyncio.get_running_loop().run_in_executor(None, self.control.stop)
 
     async def _on_background(self, value: str) -> None:
-        if self._echo.pop(pvs.BACKGROUND_FILE.name, None) == value:
-            return  # the control layer showed this value: nothing was written
         loop = asyncio.get_running_loop()
         with contextlib.suppress(Refused):  # (shown by the control layer)
             await loop.run_in_executor(None, self.control.set_background, value)
@@ -780,6 +769,13 @@ def put_string_field(name: str, value: str) -> None:
     from psss_ioc.ioc.record_writer import put_string
 
     put_string(name, value)
+
+
+def post_value(name: str) -> None:
+    """Tell the monitors of a record's value (put without processing) that it changed."""
+    from psss_ioc.ioc.record_writer import post_value_monitors
+
+    post_value_monitors(name)
 
 
 def default_source_factory(config: IocConfig) -> SourceFactory:

@@ -211,6 +211,7 @@ class Control:
         # what does not fit the frames, by kind, as the pipeline last said (`frame_fit`)
         self._misfit: dict[Mismatch, str] = {}
         self._background_refused = False  # the last background written was refused
+        self._roi_waits = False  # the ROI limits written are no pair (RoiControl)
 
     # ------------------------------------------------------------------ reads
     @property
@@ -682,8 +683,6 @@ class Control:
             else:
                 self._misfit[kind] = reason
             self._show_statuses()
-
-    _roi_waits = False
 
     def _show_statuses(self) -> None:
         """The one place ROI_STATUS, AXIS_STATUS and BACKGROUND_STATUS are decided. A ROI pair

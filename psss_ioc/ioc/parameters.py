@@ -135,17 +135,3 @@ class LegacyParameters:
             "min_snr": float(self._rec(pvs.FIT_MIN_SNR)),
             **self.extra(),
         }
-
-    def validator(self, message: Callable[[str, bool], None]
-                  ) -> Callable[[Any, Any], bool]:
-        """A softioc ``validate`` for PARAMETERS_EXTRA: a Channel Access put must be a valid
-        set too; `message` says why one is refused."""
-        def validate(record: Any, value: Any) -> bool:
-            try:
-                parse_extra(str(value))
-            except ValueError as e:
-                message(f"{pvs.PARAMETERS_EXTRA.name} refused: {e}", True)
-                return False
-            return True
-
-        return validate

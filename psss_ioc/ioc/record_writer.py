@@ -119,6 +119,21 @@ def put_string(name: str, value: str) -> None:
 
 
 _MAX_STRING = 40  # MAX_STRING_SIZE, with the terminating NUL
+_post_events = dbCore.db_post_events
+_post_events.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint)
+_post_events.restype = ctypes.c_int
+_DBE_VALUE_LOG = 1 | 4  # DBE_VALUE | DBE_LOG
+
+
+def post_value_monitors(name: str) -> None:
+    """Post the value of record `name` to its monitors (CA and PVA), as processing would: for
+    a value put without processing (dbPut posts no event for a field that processes)."""
+    field = FieldAddress(name)
+    _lock(field.record)
+    try:
+        _post_events(field.record, field.field, _DBE_VALUE_LOG)
+    finally:
+        _unlock(field.record)
 
 
 class FrameChainWriter:

@@ -296,6 +296,7 @@ class Pipeline:
         self._view_bin = 8
         self._next_view = 0.0
         self._profiles: deque[np.ndarray] = deque(maxlen=average_n)
+        self._profiles_background: np.ndarray | None = None  # the profiles' background
         self._acquisition: tuple[BackgroundAcquisition, AcquisitionEvents] | None = None
         self._image_dtype: np.dtype | None = None
         self._reset_counters()
@@ -722,8 +723,6 @@ class Pipeline:
         self._profiles_background = settings.background
         self._profiles.append(view.profile)
         self.publisher.publish_view(frame, view, rows)
-
-    _profiles_background: np.ndarray | None = None
 
     def _note_shape(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self._image_dtype = dtype

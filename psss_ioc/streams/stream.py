@@ -38,6 +38,7 @@ from psss_ioc.streams.channels import (
     DEFAULT_MAX_IMAGE_MB,
     DEFAULT_OUTPUT_PORT,
     DOCUMENT_NAMES,
+    IMAGE_CHANNEL_SUFFIX,
     OutputChannels,
     parse_address,
 )
@@ -215,7 +216,7 @@ class SourceCounters:
 
 
 # Names that say "camera image" whatever their declared shape (SwissFEL: <camera>:FPICTURE).
-_IMAGE_NAME_ENDINGS = ("FPICTURE", "IMAGE")
+_IMAGE_NAME_ENDINGS = (IMAGE_CHANNEL_SUFFIX.lstrip(":"), "IMAGE")
 MAX_CHANNELS_SEEN = 5
 
 
